@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine: `make speedrun` (set up + main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup speedrun demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# A CPU machine gets the CPU build of torch (an unpinned torch would pull CUDA); a GPU user's torch is left alone.
+	$(PY) -m pip install -q --upgrade pip
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	  else $(PY) -m pip install -q torch==2.13.0; fi; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job. Until `nanoseek speedrun` exists this is the most complete pipeline so far.
+speedrun: $(STAMP)
+	$(VENV)/bin/nanoseek speedrun
+
+demo: $(STAMP)
+	$(VENV)/bin/nanoseek demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,107 @@
+"""Multi-head latent attention (DeepSeek-V2/V3), with its two paths.
+
+Every token is compressed to a small latent: c_kv = RMSNorm(W_DKV x) (`kv_lora_rank` values) plus one roped key
+k_pe (`qk_rope_head_dim` values) shared by all heads. Per-head keys and values are up-projections of the latent.
+
+* Full path (training, prefill): expand the latent into per-head K [.., nope + rope] and V, then call
+  `scaled_dot_product_attention`. This is the fastest way to train.
+* Absorbed path (decode over a cache): W_UK is folded into the query and W_UV into the output, so attention runs
+  directly over the cached latents: logit = (q_nope W_UK) . c_kv + q_pe . k_pe. The cache then holds only
+  `kv_lora_rank + qk_rope_head_dim` values per token per layer instead of H * (qk_head_dim + v_head_dim).
+
+Both paths compute the same function and are tested equal.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope
+
+
+class LatentCacheView(Protocol):
+    """What attention needs from a KV cache (implemented by `nanoseek.infer.cache.LatentCache`)."""
+
+    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store the new tokens' latents; return all cached (c_kv [B,S,C], k_pe [B,S,R]) for these sequences and
+        the boolean mask [B, T, S] of keys each new query may see."""
+        ...
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.scale = config.softmax_scale
+        self.interleave = config.rope_interleave
+        qk_dim, bias = config.qk_head_dim, config.attention_bias
+
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank)  # eps 1e-6 regardless of config, as HF does
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, config.kv_lora_rank + self.rope, bias=bias)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
+
+    # ------------------------------------------------------------------------------------ projections
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q_nope [B, T, H, nope], roped q_pe [B, T, H, rope]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, self.num_heads, self.nope + self.rope).split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> normalised c_kv [B, T, C] and roped k_pe [B, T, R]: exactly what the cache stores."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        k_pe = apply_rope(k_pe[:, :, None], cos, sin, self.interleave)[:, :, 0]
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCacheView | None = None, full: bool = True) -> torch.Tensor:
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_kv, k_pe = self.latents(x, cos, sin)
+        if cache is None:
+            return self.o_proj(self._full(q_nope, q_pe, c_kv, k_pe))
+        c_all, k_all, mask = cache.update(self.layer_idx, c_kv, k_pe)
+        if full:  # a fresh prompt: its own tokens are the whole context, so the fast expanded path applies
+            return self.o_proj(self._full(q_nope, q_pe, c_kv, k_pe))
+        return self.o_proj(self._absorbed(q_nope, q_pe, c_all, k_all, mask))
+
+    def _full(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim).split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None].expand(B, T, H, self.rope)), dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
+        )
+        return out.transpose(1, 2).reshape(B, T, H * self.v_dim)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """Attention over cached latents: MQA with key dim C + R and value dim C, one shared K/V 'head'."""
+        B, T, H, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk.to(q_nope.dtype))
+        scores = torch.einsum("bthc,bsc->bhts", q_latent, c_kv.to(q_latent.dtype))
+        scores = scores + torch.einsum("bthr,bsr->bhts", q_pe, k_pe.to(q_pe.dtype))
+        scores = (scores.float() * self.scale).masked_fill(~mask[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
+        out = torch.einsum("bthc,hvc->bthv", o_latent.to(w_uv.dtype), w_uv)
+        return out.reshape(B, T, H * self.v_dim).to(q_nope.dtype)

@@ -1,0 +1,172 @@
+"""DeepSeekMoE: a sigmoid router with group-limited top-k, fine-grained routed experts, shared experts, and
+auxiliary-loss-free load balancing.
+
+Routing (DeepSeek-V3 sec. 2.1.2): scores s = sigmoid(x W_g^T) in float32. Experts are *selected* on s + b, where b
+(`e_score_correction_bias`) is nudged after every optimizer step towards an even load; but the selected experts are
+*weighted* by the unbiased s, normalised over the top-k and scaled by `routed_scaling_factor`. With `n_group > 1`
+each group is scored by the sum of its two best biased scores and only the best `topk_group` groups compete (on
+the real model: a token reaches at most 4 nodes). Nothing is ever dropped.
+
+Routed experts live in two fused tensors (`gate_up_proj` [E, 2I, D], `down_proj` [E, D, I]) so all experts run as
+one grouped GEMM (`torch._grouped_mm`) over the tokens sorted by expert; checkpoints store them per expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: dense layers and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        # float32 on purpose: increments of 1e-3 vanish in bf16. A buffer, not a parameter: no gradient.
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (weights [N, k] fp32, expert ids [N, k], scores [N, E], logits [N, E])."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid()
+        biased = scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_group < self.n_group:
+            N, E = biased.shape
+            grouped = biased.view(N, self.n_group, E // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            biased = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, E)
+        ids = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids, scores, logits
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    # `_grouped_mm`/`bmm` under autocast: run in the autocast dtype like every other matmul in the model.
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert (counts[e] rows for expert e) times weight[e]^T: one GEMM for all experts."""
+    dtype = _matmul_dtype(x)
+    x, w = x.to(dtype), weight.to(dtype)
+    if grouped_mm_supported(x, w):
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    # Fallback: scatter the rows into a zero-padded [E, max_count, in] block and use one batched matmul.
+    E = weight.shape[0]
+    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
+    row = torch.arange(x.shape[0], device=x.device) - (offsets - counts)[expert]
+    padded = x.new_zeros(E, int(counts.max()) if x.shape[0] else 0, x.shape[1])
+    padded[expert, row] = x
+    return torch.bmm(padded, w.transpose(1, 2))[expert, row]
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # torch >= 2.9 ships a CPU fallback for _grouped_mm; CUDA needs SM90+ for bf16. Strides must be 16-byte aligned.
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9):
+        return False
+    align = 16 // x.element_size()
+    return x.shape[1] % align == 0 and w.shape[1] % align == 0
+
+
+class RoutedExperts(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # rows: gate then up, as transformers v5
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        N, k = ids.shape
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_linear(x[token], self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
+        out = grouped_linear((F.silu(gate) * up).contiguous(), self.down_proj, counts, offsets)
+        out = out * weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out).to(x.dtype)
+
+
+class MoE(nn.Module):
+    """Routed + shared experts. While training it counts tokens per expert for the bias update."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        if config.n_shared_experts > 0:
+            self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.register_buffer("load_counts", torch.zeros(config.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        weights, ids, scores, logits = self.gate(flat)
+        y = self.experts(flat, ids, weights)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(flat)
+        if self.training:
+            with torch.no_grad():
+                self.load_counts += torch.bincount(ids.reshape(-1), minlength=self.load_counts.numel()).float()
+            self.aux_loss = self._aux_loss(scores.view(B, T, -1), ids.view(B, T, -1), logits)
+        return y.view(B, T, D)
+
+    def _aux_loss(self, scores: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """Optional: DeepSeek-V3's sequence-wise balance loss and the router z-loss (both off by default)."""
+        cfg, loss = self.config, None
+        if cfg.seq_aux_loss_alpha > 0:
+            E, k, T = cfg.n_routed_experts, cfg.num_experts_per_tok, scores.shape[1]
+            chosen = torch.zeros_like(scores).scatter_(2, ids, 1.0)  # [B, T, E]
+            f = chosen.sum(dim=1) * E / (k * T)  # per sequence: load relative to uniform
+            p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+            loss = cfg.seq_aux_loss_alpha * (f * p).sum(dim=-1).mean()
+        if cfg.router_z_loss_coeff > 0:
+            z = cfg.router_z_loss_coeff * torch.logsumexp(logits, dim=-1).pow(2).mean()
+            loss = z if loss is None else loss + z
+        return loss
+
+    @torch.no_grad()
+    def update_bias(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+        """The aux-loss-free step: b_i += gamma * sign(mean load - load_i); then reset the counts.
+
+        The counts cover everything since the last call (all micro-batches of one optimizer step) and are summed
+        over ranks first, so every rank applies the identical update and the bias stays in sync.
+        """
+        counts = self.load_counts
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts, group=group)
+        mean = counts.mean()
+        stats = {"load_max_over_mean": float(counts.max() / mean) if mean > 0 else 0.0}
+        if self.config.bias_update_speed > 0 and mean > 0:
+            self.gate.e_score_correction_bias += self.config.bias_update_speed * torch.sign(mean - counts)
+        stats["bias_norm"] = float(self.gate.e_score_correction_bias.norm())
+        counts.zero_()
+        return stats
