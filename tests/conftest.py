@@ -1,0 +1,14 @@
+import os
+
+import pytest
+import torch
+
+# Deterministic, quiet and single-process-friendly by default.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
