@@ -53,8 +53,414 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- cost
+def _add_cost(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cost", help="GPU-hours and dollars to train a config on N tokens; DeepSeek's published costs",
+                       description="Training cost from FLOPs per token (active parameters + attention): hours and "
+                                   "dollars at an MFU or a measured throughput, or the MFU a published GPU-hour "
+                                   "figure implies. Token counts accept 14.8T, 500B, 2M, 1e9.")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", help="model preset (smoke, tiny, dN, deepseek-v3, deepseek-v3-16b)")
+    model.add_argument("--config", help="a config.json or a model directory")
+    p.add_argument("--tokens", help="training tokens, e.g. 14.8T")
+    p.add_argument("--device", default="h100",
+                   help="device name (h800, h100, h200, a100, b200, rtx4090, cpu; default h100)")
+    p.add_argument("--num-devices", default="1", help="devices working together (default 1)")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--mfu", help="model FLOPs utilisation as a fraction (default 0.4)")
+    rate.add_argument("--tokens-per-second", help="measured training throughput over all devices")
+    rate.add_argument("--gpu-hours", help="reverse mode: a published device-hour figure; prints the MFU it implies")
+    p.add_argument("--seq-len", help="training sequence length (default: the config's pretraining context)")
+    p.add_argument("--price", help="USD per device-hour (default: the catalogue's)")
+    p.add_argument("--precision", choices=["bf16", "fp8", "fp32"],
+                   help="the peak MFU is measured against (default bf16; fp32 on cpu)")
+    p.add_argument("--no-mtp", action="store_true", help="leave the MTP modules out of the FLOPs")
+    p.add_argument("--devices", help="a devices file (JSON or TOML) overriding peaks and prices")
+    p.add_argument("--serve", metavar="TOKENS_PER_SECOND",
+                   help="serving mode: USD per 1M output tokens at this output throughput (all devices)")
+    p.add_argument("--published", action="store_true",
+                   help="print DeepSeek's published cost tables and other cited figures")
+    p.add_argument("--list-devices", action="store_true", help="print the device catalogue (measures this CPU)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_cost)
+
+
+def _cmd_cost(args: argparse.Namespace) -> int:
+    import json
+
+    from nanoseek import cost
+    from nanoseek.config import ModelConfig, preset
+
+    def show(data: object, text: str) -> int:
+        print(json.dumps(data, indent=2) if args.json else text)
+        return 0
+
+    def number(flag: str, value: str | None, integer: bool = False) -> float | None:
+        if value is None:
+            return None
+        x = cost.parse_count(value, flag)
+        if integer and x != int(x):
+            raise UsageError(f"{flag} must be a whole number, got {value}")
+        return int(x) if integer else x
+
+    price = None
+    if args.price is not None:  # $0 is a fair price (your own machine), so not parse_count, which wants > 0
+        try:
+            price = float(args.price)
+        except ValueError:
+            raise UsageError(f"--price {args.price!r} is not a number; give USD per device-hour, e.g. 2.5") from None
+        if not price >= 0:
+            raise UsageError(f"--price must be non-negative, got {args.price}")
+
+    if args.published:
+        pub = cost.published()
+        return show(pub, cost.render_published(pub))
+    if args.list_devices:
+        devices = cost.load_devices(args.devices)
+        return show({k: vars(d) for k, d in devices.items()}, cost.render_devices(devices))
+    if args.serve is not None:
+        dev = cost.get_device(args.device, args.devices)
+        k = number("--num-devices", args.num_devices, integer=True)
+        price = dev.price_per_hour if price is None else price
+        usd = cost.dollars_per_million_output_tokens(number("--serve", args.serve), price * k)
+        data = {"device": dev.name, "num_devices": k, "price_per_device_hour": price,
+                "output_tokens_per_second": number("--serve", args.serve), "dollars_per_million_output_tokens": usd,
+                "deepseek_api_prices": cost.published()["serving"]["api_prices"]}
+        api = "; ".join(f"{a['endpoint']}: ${a['output']:.2f}" for a in data["deepseek_api_prices"])
+        return show(data, f"{k} x {dev.name} at ${price:.2f}/hour each, {args.serve} output tokens/s: "
+                          f"${usd:.2f} per 1M output tokens\nDeepSeek API output prices per 1M: {api}")
+    if not (args.preset or args.config):
+        raise UsageError("name a model with --preset P or --config FILE (or use --published / --list-devices)")
+    if args.tokens is None:
+        raise UsageError("give the number of training tokens with --tokens, e.g. --tokens 14.8T")
+    cfg = preset(args.preset) if args.preset else ModelConfig.load(args.config)
+    est = cost.estimate(
+        cfg, number("--tokens", args.tokens), device=args.device,
+        num_devices=number("--num-devices", args.num_devices, integer=True),
+        seq_len=number("--seq-len", args.seq_len, integer=True), mfu=number("--mfu", args.mfu),
+        tokens_per_second=number("--tokens-per-second", args.tokens_per_second),
+        gpu_hours=number("--gpu-hours", args.gpu_hours),
+        price_per_hour=price,
+        precision=args.precision, include_mtp=not args.no_mtp, devices_file=args.devices)
+    return show({"model": args.preset or args.config, **est}, cost.render_estimate(est, args.preset or args.config))
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
+                       description="Tokenizer tools. `train` learns a byte-level BPE (digits split one per token) "
+                                   "with nanoseek's special tokens and chat template.")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    t = tsub.add_parser("train", help="train on text files, JSONL, parquet or the built-in task corpus",
+                        description="Train a tokenizer and save tokenizer.json, tokenizer_config.json and "
+                                    "special_tokens_map.json (loadable by transformers.AutoTokenizer).")
+    t.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="files or directories (.txt, .md, .jsonl with a 'text' field, .parquet), or 'builtin[:N]'")
+    t.add_argument("--vocab-size", type=int, required=True, help="target vocabulary size (may end smaller)")
+    t.add_argument("--out", required=True, help="directory to write the tokenizer into")
+    t.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default 2)")
+    t.add_argument("--no-split-digits", action="store_true", help="let BPE merge digits (default: one per token)")
+    t.add_argument("--seed", type=int, default=0, help="seed for the built-in corpus")
+    t.add_argument("--force", action="store_true", help="overwrite a tokenizer already in --out")
+    t.set_defaults(func=_cmd_tokenizer_train)
+    p.set_defaults(func=lambda args: p.print_help() or 0)
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from nanoseek.data.sources import read_documents
+    from nanoseek.tokenizer import Tokenizer
+
+    out = Path(args.out)
+    if (out / "tokenizer.json").exists() and not args.force:
+        raise UsageError(f"{out} already holds a tokenizer; pass --force to overwrite it or choose another --out")
+    count = chars = 0
+
+    def docs():
+        nonlocal count, chars
+        for text in read_documents(args.data, seed=args.seed):
+            count, chars = count + 1, chars + len(text)
+            yield text
+
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(docs(), args.vocab_size, min_frequency=args.min_frequency,
+                          split_digits=not args.no_split_digits)
+    if count == 0:
+        raise UsageError(f"no documents found in {' '.join(args.data)}; nothing to train on")
+    tok.save(out)
+    print(f"trained on {count:,} documents ({chars:,} characters) in {time.perf_counter() - t0:.1f}s: "
+          f"vocab {tok.vocab_size:,} (asked {args.vocab_size:,}), saved to {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
-_COMMANDS = [_add_demo]
+# ---------------------------------------------------------------------------------------------- pretrain
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    """Flags every training stage shares (pretrain, sft, grpo, distill)."""
+    p.add_argument("--run", required=True, help="run directory (config, metrics, checkpoints, model, receipt)")
+    p.add_argument("--steps", type=int, help="optimizer steps to train")
+    p.add_argument("--tokens", type=str, help="tokens to train on (e.g. 5M, 2e6)")
+    p.add_argument("--minutes", type=float, help="wall-clock training budget in minutes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run from its latest checkpoint")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--precision", choices=["bf16", "fp32", "fp8"], help="bf16 autocast (default), fp32 or fp8")
+    p.add_argument("--fp8", action="store_true", help="same as --precision fp8")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--price", type=float, help="dollars per device-hour for the receipt (default: the catalogue's)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model field (e.g. hidden_size=256) or a training field (e.g. warmup_steps=50)")
+
+
+def _train_config(args: argparse.Namespace, defaults: dict | None = None):
+    """TrainConfig from defaults, then flags, then the training keys of --set."""
+    import dataclasses
+    import json
+
+    from nanoseek.cost import parse_count
+    from nanoseek.train.loop import TrainConfig
+
+    values = dict(defaults or {})
+    flags = {"steps": args.steps, "minutes": args.minutes, "batch_size": args.batch_size, "seq_len": args.seq_len,
+             "grad_accum": args.grad_accum, "lr": args.lr, "seed": args.seed, "compile": args.compile or None,
+             "precision": "fp8" if args.fp8 else args.precision,
+             "tokens": int(parse_count(args.tokens, "--tokens")) if args.tokens else None}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_sets = []
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        if key in train_fields:
+            try:
+                values[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                values[key] = raw
+        else:
+            model_sets.append(item)
+    return TrainConfig(**values).validate(), model_sets
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a model (next-token + MTP) on text or the built-in corpus",
+                       description="Pretrain from a preset on text/JSONL/parquet files or the built-in reasoning "
+                                   "corpus ('builtin'). Trains a tokenizer unless --tokenizer is given, tokenises "
+                                   "into shards under the run directory, and writes checkpoints, metrics.jsonl, "
+                                   "the final model (Hugging Face layout) and receipt.json.")
+    p.add_argument("--preset", default="tiny", help="model preset: smoke, tiny, dN, ... (default tiny)")
+    p.add_argument("--data", nargs="+", default=["builtin"], metavar="PATH",
+                   help="text/JSONL/parquet files or directories, or 'builtin[:N]' (default builtin)")
+    p.add_argument("--tokenizer", help="an existing tokenizer directory (default: train one on the data)")
+    _add_training_flags(p)
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from nanoseek.config import preset
+    from nanoseek.train.pretrain import DataConfig, pretrain
+
+    train_cfg, model_sets = _train_config(args)
+    model_cfg = preset(args.preset).with_overrides(model_sets)
+    data = DataConfig(paths=args.data, tokenizer=args.tokenizer)
+    pretrain(model_cfg, train_cfg, data, args.run, resume=args.resume, price_per_hour=args.price)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int, top_p: float = 1.0) -> None:
+    p.add_argument("model", metavar="MODEL", help="a model directory (Hugging Face layout) or a run directory")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens per answer (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p}; 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--thinking-budget", type=int, default=None, help="at most N thinking tokens, then </think> is forced")
+    p.add_argument("--min-thinking-tokens", type=int, default=None, help="replace an earlier </think> by 'Wait'")
+    p.add_argument("--speculative", action="store_true", help="draft with the MTP module, verify with the model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weights dtype (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+
+
+def _engine_from_args(args: argparse.Namespace, max_batch: int):
+    import torch
+
+    from nanoseek.infer.engine import Engine
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return Engine(args.model, dtype=dtype, device=device, max_batch=max_batch)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                thinking_budget=args.thinking_budget, min_thinking_tokens=args.min_thinking_tokens,
+                speculative=args.speculative)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="batch generation from a prompts file to JSONL",
+                       description="Generate an answer for every prompt in FILE (text: one prompt per line; JSONL: "
+                                   "objects with \"prompt\" or \"messages\") with continuous batching, and write one "
+                                   "JSON object per prompt to --out.")
+    _add_sampling_flags(p, temperature=0.0, max_tokens=256)
+    p.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or .jsonl")
+    p.add_argument("--out", required=True, help="output JSONL file (written atomically)")
+    p.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _read_prompts(path: str) -> list[tuple[object, bool, dict]]:
+    """(prompt, is_chat, the input record) per prompt; JSONL records keep their other fields in the output."""
+    import json
+    from pathlib import Path
+
+    f = Path(path)
+    if not f.is_file():
+        raise UsageError(f"prompts file {path} does not exist")
+    lines = f.read_text(encoding="utf-8").splitlines()
+    if not f.suffix == ".jsonl":
+        return [(line, False, {}) for line in lines if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise UsageError(f"{path} line {n} is not valid JSON") from None
+        if not isinstance(rec, dict) or not ("prompt" in rec or "messages" in rec):
+            raise UsageError(f"{path} line {n} needs a \"prompt\" or \"messages\" field")
+        rows.append((rec["messages"], True, rec) if "messages" in rec else (rec["prompt"], False, rec))
+    return rows
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from nanoseek.checkpoint import atomic_write_text
+
+    rows = _read_prompts(args.prompts)
+    if not rows:
+        raise UsageError(f"prompts file {args.prompts} holds no prompts")
+    engine = _engine_from_args(args, args.max_batch)
+    t0 = time.perf_counter()
+    # chat and plain prompts may be mixed in one file: run each kind as its own batch, keep the file's order
+    outputs: list = [None] * len(rows)
+    for chat in (False, True):
+        idx = [i for i, (_, c, _) in enumerate(rows) if (c or args.chat) == chat]
+        if idx:
+            outs = engine.generate([rows[i][0] for i in idx], max_tokens=args.max_tokens, chat=chat, progress=True,
+                                   **_sampling_kwargs(args))
+            for i, o in zip(idx, outs):
+                outputs[i] = o
+    elapsed = time.perf_counter() - t0
+    lines = []
+    for (prompt, _, rec), o in zip(rows, outputs):
+        row = {**rec, "prompt": prompt, "text": o.text, "reasoning": o.reasoning, "answer": o.answer,
+               "token_ids": o.token_ids, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
+               "completion_tokens": len(o.token_ids)}
+        if args.speculative:
+            row.update(num_drafted=o.num_drafted, num_accepted=o.num_accepted)
+        lines.append(json.dumps(row, ensure_ascii=False))
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    new = sum(len(o.token_ids) for o in outputs)
+    msg = f"{len(rows)} prompts, {new} new tokens in {elapsed:.1f}s ({new / elapsed:.1f} tokens/s) -> {args.out}"
+    drafted = sum(o.num_drafted for o in outputs)
+    if drafted:
+        msg += f"; MTP acceptance {sum(o.num_accepted for o in outputs) / drafted:.0%}"
+    print(msg)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk to a model in the terminal (streams; thinking shown dimmed)",
+                       description="An interactive chat. Commands: /reset (forget the conversation), /budget N "
+                                   "(thinking budget; /budget off), /quit. Reads piped stdin too.")
+    _add_sampling_flags(p, temperature=0.6, max_tokens=512, top_p=0.95)  # R1's recommended sampling
+    p.add_argument("--system", default=None, help="a system message")
+    p.set_defaults(func=_cmd_chat)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from nanoseek.infer.engine import END_THINK, THINK
+
+    engine = _engine_from_args(args, max_batch=1)
+    if engine.tokenizer is None:
+        raise UsageError(f"{args.model} has no tokenizer (tokenizer.json), so it cannot chat; use `nanoseek generate` "
+                         f"with token-id prompts")
+    console, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    interactive = sys.stdin.isatty()
+    kwargs = _sampling_kwargs(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    if interactive:
+        err.print("[bold]nanoseek chat[/bold] - /reset, /budget N, /quit", markup=True)
+    while True:
+        try:
+            line = console.input("[bold green]you>[/bold green] ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:
+            break  # end of piped input
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages = list(system)
+            err.print("(conversation cleared)")
+            continue
+        if line.startswith("/budget"):
+            value = line.split(maxsplit=1)[1] if len(line.split()) > 1 else ""
+            if value == "off":
+                kwargs["thinking_budget"] = None
+            elif value.isdigit():
+                kwargs["thinking_budget"] = int(value)
+            else:
+                err.print("usage: /budget N or /budget off")
+                continue
+            if kwargs["min_thinking_tokens"] and kwargs["thinking_budget"] is not None:
+                kwargs["min_thinking_tokens"] = min(kwargs["min_thinking_tokens"], kwargs["thinking_budget"])
+            err.print(f"(thinking budget: {kwargs['thinking_budget']})")
+            continue
+        if line.startswith("/"):
+            err.print(f"unknown command {line.split()[0]}: use /reset, /budget N or /quit")
+            continue
+        messages.append({"role": "user", "content": line})
+        in_think = False
+        console.print("[bold blue]model>[/bold blue] ", end="")
+        for delta in engine.stream(messages, max_tokens=args.max_tokens, chat=True, **kwargs):
+            # tags are single tokens, so a delta never splits one; colour each piece by the region it is in
+            for piece in _split_tags(delta, (THINK, END_THINK)):
+                if piece == THINK:
+                    in_think = True
+                elif piece == END_THINK:
+                    in_think = False
+                console.print(piece, style="dim" if in_think or piece in (THINK, END_THINK) else None,
+                              end="", markup=False, soft_wrap=True)
+        console.print()
+        out = engine.last_output
+        messages.append({"role": "assistant", "content": out.answer or out.text})
+    return 0
+
+
+def _split_tags(text: str, tags: tuple[str, ...]) -> list[str]:
+    import re
+
+    return [p for p in re.split("(" + "|".join(map(re.escape, tags)) + ")", text) if p]
+
+
+_COMMANDS = [_add_demo, _add_cost, _add_tokenizer, _add_pretrain, _add_generate, _add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:

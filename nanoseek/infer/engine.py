@@ -1,0 +1,571 @@
+"""The inference engine: continuous batching over the latent cache, sampling, MTP speculation, thinking budgets.
+
+One `Engine` owns a model and a `LatentCache` with `max_batch` slots. Requests wait in a queue; each `step()`
+1. admits waiting requests into free slots and prefills them (one right-padded forward, full attention), and
+2. decodes every request that was already running with one forward over [B, 1] (absorbed attention over the
+   cache, each row at its own position), or [B, 2] when speculating: the pending token plus the MTP draft.
+Finished requests leave at once and free their slot for the next step. Everything rests on the cache's rule
+that a key is visible iff its position is <= the query's: padding, rejected drafts and a freed slot's old
+contents are simply overwritten later and never need clearing.
+
+Speculation (one MTP module, one draft token): MTP module 0 at position i reads the main model's hidden state
+h_i and the embedding of token t_{i+1} and predicts t_{i+2}. After each verify step the engine runs the MTP
+module over the last two (h, next token) pairs of every row, which both keeps the MTP cache layer filled up to
+the newest position (whether the draft was accepted or not) and yields the next draft. Greedy rows accept a
+draft iff it equals the target argmax (so the output equals plain greedy decoding); sampled rows use
+`speculative_accept`, so the output is distributed exactly as without speculation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from nanoseek.checkpoint import load_model, resolve_model_dir
+from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.sampling import SamplingParams, penalise_repeats, probs_from_logits, sample, speculative_accept
+from nanoseek.model.transformer import DeepseekV3ForCausalLM
+
+THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+
+
+@dataclass
+class Request:
+    """A prompt (text, token ids, or chat messages) and how to decode it. `chat=True` applies the chat template
+    to a text prompt (as one user message) or to a list of {"role", "content"} messages."""
+
+    prompt: str | list[int] | list[dict]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    chat: bool = False
+    request_id: str | None = None
+
+
+@dataclass
+class Output:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens, including a final stop token (EOS / stop_token_ids) if one ended it
+    text: str  # decoded without control tokens, cut before any stop string; "" without a tokenizer
+    reasoning: str
+    answer: str
+    finish_reason: str  # "stop" or "length"
+    logprobs: list[float] | None = None  # log p(token) under the model's raw distribution, one per token
+    top_logprobs: list[dict[int, float]] | None = None
+    num_drafted: int = 0
+    num_accepted: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
+
+
+@dataclass
+class Event:
+    """What one `step()` did for one request: its new tokens, the new text, and whether it is done."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+    output: Output | None = None  # set when finished
+
+
+def split_reasoning(text: str, think_open: bool = False) -> tuple[str, str]:
+    """(reasoning, answer). Reasoning is inside <think>...</think>; with no opening tag in the text (the prompt
+    opened it), everything before the first </think> is reasoning. The answer is inside <answer>...</answer> if
+    present, else the text after </think>; with no tags at all the whole text is the answer, unless the prompt
+    left a think region open, in which case the whole text is (unfinished) reasoning."""
+    reasoning, rest = "", text
+    if THINK in text:
+        before, _, after = text.partition(THINK)
+        reasoning, closed, tail = after.partition(END_THINK)
+        rest = before + tail if closed else before
+    elif END_THINK in text:
+        reasoning, _, rest = text.partition(END_THINK)
+    elif think_open:
+        reasoning, rest = text, ""
+    if ANSWER in rest:
+        rest = rest.partition(ANSWER)[2].partition(END_ANSWER)[0]
+    return reasoning.strip(), rest.strip()
+
+
+class _Seq:
+    """A request in flight: its slot in the cache, what it has produced, and the state that decides the next token."""
+
+    def __init__(self, rid: str, prompt: list[int], params: SamplingParams, think_open: bool):
+        self.id, self.prompt, self.params = rid, prompt, params
+        self.out: list[int] = []
+        self.slot = -1
+        self.n_cached = 0  # tokens of this sequence in the cache (positions 0..n_cached-1)
+        self.forced: deque[int] = deque()  # tokens to emit next whatever the logits say ("Wait", "</think>")
+        self.think_open_at_start = self.in_think = think_open
+        self.think_tokens = 0
+        self.gen: torch.Generator | None = None
+        if params.temperature > 0:
+            self.gen = torch.Generator()
+            self.gen.manual_seed(params.seed) if params.seed is not None else self.gen.seed()
+        self.seen: torch.Tensor | None = None  # [V] bool, only with a repetition penalty
+        self.logprobs: list[float] | None = [] if params.logprobs or params.top_logprobs else None
+        self.top_logprobs: list[dict[int, float]] | None = [] if params.top_logprobs else None
+        self.text, self.emitted, self.p_off, self.r_off = "", 0, 0, 0
+        self.new: list[int] = []  # tokens produced in the current step
+        self.finish_reason: str | None = None
+        # speculation state: h_{n-1} and the draft for position n+1 (with its distribution when sampling)
+        self.h_prev: torch.Tensor | None = None
+        self.draft: int | None = None
+        self.draft_q: torch.Tensor | None = None
+        self.drafted = self.accepted = 0
+
+
+class Engine:
+    """Generation for a `DeepseekV3ForCausalLM`: `generate` for batches, `add_request`/`step`/`abort` for servers."""
+
+    def __init__(self, model_or_path: DeepseekV3ForCausalLM | str | Path, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None, max_batch: int = 16, max_len: int | None = None,
+                 tokenizer=None):
+        if isinstance(model_or_path, (str, Path)):
+            directory = resolve_model_dir(model_or_path)
+            model = load_model(directory, dtype=dtype, device=device)
+            if tokenizer is None and (directory / "tokenizer.json").is_file():
+                from nanoseek.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.load(directory)
+        else:
+            model = model_or_path.to(device=device, dtype=dtype) if (device or dtype) else model_or_path
+        if isinstance(tokenizer, (str, Path)):
+            from nanoseek.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(tokenizer)
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        # The longest sequence (prompt + output) a request may reach.
+        self.max_len = min(max_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        # +1: a speculative verify writes its draft one position past the last token it may keep.
+        self.cache = LatentCache(self.config, max_batch, self.max_len + 1, dtype=self.dtype, device=self.device)
+        self.has_mtp = len(model.mtp_modules) > 0
+        self.vocab_size = self.config.vocab_size
+        tok = tokenizer
+        self.eos_id = tok.eos_id if tok is not None else self.config.eos_token_id
+        self.think_id = tok.think_id if tok is not None else None
+        self.end_think_id = tok.end_think_id if tok is not None else None
+        self.wait_ids = tok.encode("Wait") if tok is not None else []
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self._ids = itertools.count()
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """(kv_lora_rank + qk_rope_head_dim) x layers x element size: the main model's latent cache per token."""
+        return LatentCache.bytes_per_token(self.config, self.dtype)
+
+    # ------------------------------------------------------------------------------------------ requests
+    def _encode(self, prompt, chat: bool) -> list[int]:
+        if isinstance(prompt, str) or (chat and isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer (tokenizer.json), so prompts must be lists "
+                                 "of token ids, not text")
+            if chat:
+                messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+                return self.tokenizer.render_chat_ids(messages)
+            return self.tokenizer.encode(prompt, add_bos=True)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            raise ValueError("chat messages need chat=True")
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"a prompt must be text, a list of token ids or chat messages, got {type(prompt).__name__}")
+        return list(prompt)
+
+    def add_request(self, request: Request | str | list[int] | list[dict], *, chat: bool = False, **params) -> str:
+        """Queue a request (a `Request`, or a prompt plus `SamplingParams` fields as keywords); it joins the running
+        batch at the next `step()` that finds a free slot. Returns its id."""
+        if not isinstance(request, Request):
+            request = Request(request, SamplingParams(**params), chat=chat)
+        p = request.params.validate()
+        ids = self._encode(request.prompt, request.chat)
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if max(ids) >= self.vocab_size or min(ids) < 0:
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {self.max_len} "
+                             f"(max_position_embeddings={self.config.max_position_embeddings}, max_len={self.max_len}); "
+                             f"shorten the prompt or raise max_len")
+        if (p.thinking_budget is not None or p.min_thinking_tokens) and self.tokenizer is None:
+            raise ValueError("thinking budgets need a tokenizer (for <think>, </think> and 'Wait'); this model has none")
+        think_open = self.think_id is not None and _last_open(ids, self.think_id, self.end_think_id)
+        rid = request.request_id or f"req-{next(self._ids)}"
+        seq = _Seq(rid, ids, p, think_open)
+        if p.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seq.seen[torch.tensor(ids, device=self.device)] = True
+        self.waiting.append(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request, waiting or running; its slot is free for the next step. True if it was found."""
+        for s in list(self.waiting):
+            if s.id == request_id:
+                self.waiting.remove(s)
+                return True
+        for s in self.running:
+            if s.id == request_id:
+                self._release(s)
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit and prefill waiting requests, decode the running ones by one step; report what happened."""
+        decoding = list(self.running)
+        admitted = []
+        while self.waiting and self.free_slots:
+            s = self.waiting.popleft()
+            s.slot = self.free_slots.pop()
+            admitted.append(s)
+        self.running += admitted
+        if decoding:
+            if self.has_mtp and any(s.params.speculative for s in decoding):
+                self._decode_speculative(decoding)
+            else:
+                self._decode(decoding)
+        if admitted:
+            self._prefill(admitted)
+        events = []
+        for s in decoding + admitted:
+            done = s.finish_reason is not None
+            limit = len(s.text) if done else len(s.text) - max((len(x) for x in s.params.stop), default=1) + 1
+            delta = s.text[s.emitted:max(limit, s.emitted)]
+            s.emitted += len(delta)
+            if s.new or delta or done:
+                events.append(Event(s.id, s.new, delta, done, s.finish_reason, self._output(s) if done else None))
+            s.new = []
+            if done:
+                self._release(s)
+        return events
+
+    def _release(self, s: _Seq) -> None:
+        self.running.remove(s)
+        self.free_slots.append(s.slot)
+
+    def generate(self, prompts: Sequence[str | list[int] | list[dict]], max_tokens: int = 256, *, chat: bool = False,
+                 progress: bool = False, **params) -> list[Output]:
+        """Generate for every prompt (text, token ids, or with chat=True text/messages); outputs in prompt order.
+        Keyword arguments are `SamplingParams` fields; a seed is offset by the prompt's index so a batch of equal
+        prompts gives different samples that still reproduce."""
+        if not prompts:
+            raise ValueError("the prompt list is empty: give at least one prompt")
+        base = SamplingParams(max_tokens=max_tokens, **params).validate()
+        ids = []
+        for i, prompt in enumerate(prompts):
+            p = SamplingParams(**{**vars(base), "seed": None if base.seed is None else base.seed + i})
+            ids.append(self.add_request(Request(prompt, p, chat=chat)))
+        results: dict[str, Output] = {}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="prompt")
+        wanted = set(ids)
+        while wanted - results.keys():
+            for e in self.step():
+                if e.finished and e.request_id in wanted:
+                    results[e.request_id] = e.output
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[i] for i in ids]
+
+    def stream(self, prompt: str | list[int] | list[dict], max_tokens: int = 256, *, chat: bool = False,
+               **params) -> Iterator[str]:
+        """Yield text deltas as they are produced; closing the generator early aborts the request."""
+        rid = self.add_request(Request(prompt, SamplingParams(max_tokens=max_tokens, **params), chat=chat))
+        self.last_output: Output | None = None
+        done = False
+        try:
+            while not done:
+                for e in self.step():
+                    if e.request_id == rid:
+                        if e.text:
+                            yield e.text
+                        if e.finished:
+                            self.last_output, done = e.output, True
+        finally:
+            if not done:
+                self.abort(rid)
+
+    # ------------------------------------------------------------------------------------------ forwards
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        """Full attention over each new prompt (right-padded to a common length) and the first token."""
+        B, T = len(seqs), max(len(s.prompt) for s in seqs)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, : len(s.prompt)] = torch.tensor(s.prompt)
+        ids = ids.to(self.device)
+        pos = torch.arange(T, device=self.device).expand(B, T)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
+        h = self.model.hidden_states(ids, pos, self.cache.bind(slots, pos), prefill=True)
+        h_last = h[torch.arange(B, device=self.device), last]
+        logits = self.model.lm_head(h_last).float()
+        tokens = self._choose(seqs, logits)
+        for b, s in enumerate(seqs):
+            s.n_cached = len(s.prompt)
+            self._append(s, tokens[b], logits[b])
+        spec = [b for b, s in enumerate(seqs) if s.params.speculative and self.has_mtp and s.finish_reason is None]
+        if spec:  # MTP over positions 0..P-1: (h_i, t_{i+1}), the last pair using the token just chosen
+            idx = torch.tensor(spec, device=self.device)
+            nxt = torch.cat([ids[idx, 1:], ids.new_zeros(len(spec), 1)], dim=1)
+            nxt[torch.arange(len(spec), device=self.device), last[idx]] = torch.tensor(
+                [tokens[b] for b in spec], device=self.device)
+            logits, _ = self.model.mtp_step(0, h[idx], nxt, pos[idx], self.cache.bind(slots[idx], pos[idx]), prefill=True)
+            self._set_drafts([seqs[b] for b in spec], logits[torch.arange(len(spec), device=self.device), last[idx]])
+            for i, b in enumerate(spec):
+                seqs[b].h_prev = h[b, last[b]].clone()  # a copy: do not keep the whole prompt's states alive
+
+    def _decode(self, seqs: list[_Seq]) -> None:
+        """One token for every row: a [B, 1] forward over the cache, each row at its own position."""
+        tokens = torch.tensor([[s.out[-1]] for s in seqs], device=self.device)
+        pos = torch.tensor([[s.n_cached] for s in seqs], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits = self.model(tokens, pos, self.cache.bind(slots, pos), prefill=False)[:, 0].float()
+        chosen = self._choose(seqs, logits)
+        for b, (s, t) in enumerate(zip(seqs, chosen)):
+            s.n_cached += 1
+            self._append(s, t, logits[b])
+
+    def _decode_speculative(self, seqs: list[_Seq]) -> None:
+        """Verify [pending token, draft] for every row in one [B, 2] forward; accept, resample, take a bonus token;
+        then run MTP over each row's last two (hidden, next token) pairs for the next draft."""
+        dev, B = self.device, len(seqs)
+        eligible = [s.params.speculative and s.draft is not None and self._rule(s) is None for s in seqs]
+        drafts = [s.draft if s.draft is not None else 0 for s in seqs]
+        n = torch.tensor([s.n_cached for s in seqs], device=dev)
+        tokens = torch.tensor([[s.out[-1], d] for s, d in zip(seqs, drafts)], device=dev)
+        pos = torch.stack([n, n + 1], dim=1)
+        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        h = self.model.hidden_states(tokens, pos, self.cache.bind(slots, pos), prefill=False)
+        logits = self.model.lm_head(h).float()
+        u = self._uniforms(seqs, 3).to(dev)
+        raw0 = logits[:, 0]
+        plain = self._choose(seqs, raw0, u=u[:, 1])  # what a row emits when it does not (or cannot) speculate
+        accepted = [False] * B
+        if any(eligible):
+            proc0 = self._penalise(seqs, raw0)
+            greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=dev)
+            d = torch.tensor(drafts, device=dev)
+            acc = d == proc0.argmax(dim=-1)
+            tok = proc0.argmax(dim=-1)
+            if not bool(greedy.all()):
+                rows = [b for b, s in enumerate(seqs) if s.params.temperature > 0 and eligible[b]]
+                if rows:
+                    r = torch.tensor(rows, device=dev)
+                    p = self._probs([seqs[b] for b in rows], proc0[r])
+                    q = torch.stack([seqs[b].draft_q for b in rows])
+                    a, t = speculative_accept(p, q, d[r], u[r, 0], u[r, 1])
+                    acc[r], tok[r] = a, t
+            acc, tok = acc.tolist(), tok.tolist()
+            for b in range(B):
+                if eligible[b]:
+                    seqs[b].drafted += 1
+                    accepted[b] = acc[b]
+                    seqs[b].accepted += int(acc[b])
+                    plain[b] = tok[b]
+        # bonus token at position n+1 for rows whose draft was accepted and that face no rule there
+        bonus_rows = [b for b in range(B) if accepted[b] and self._rule(seqs[b], extra=drafts[b]) is None]
+        bonus = {}
+        if bonus_rows:
+            r = torch.tensor(bonus_rows, device=dev)
+            sub = [seqs[b] for b in bonus_rows]
+            extra = [drafts[b] for b in bonus_rows]
+            bonus = dict(zip(bonus_rows, self._choose(sub, logits[r, 1], u=u[r, 2], extra=extra, raw=True)))
+        mtp_h, mtp_tok, mtp_pos, live = [], [], [], []
+        for b, s in enumerate(seqs):
+            prev_h, prev_tok, n0 = s.h_prev, s.out[-1], s.n_cached
+            s.n_cached += 1
+            self._append(s, drafts[b] if accepted[b] else plain[b], raw0[b])
+            if b in bonus and s.finish_reason is None:
+                s.n_cached += 1
+                self._append(s, bonus[b], logits[b, 1])
+                pairs = (h[b, 0], drafts[b], n0), (h[b, 1], bonus[b], n0 + 1)
+                s.h_prev = h[b, 1]
+            else:
+                pairs = (prev_h, prev_tok, n0 - 1), (h[b, 0], s.out[-1], n0)
+                s.h_prev = h[b, 0]
+            if s.finish_reason is None and s.params.speculative and prev_h is not None:
+                live.append(s)
+                mtp_h.append(torch.stack([pairs[0][0], pairs[1][0]]))
+                mtp_tok.append([pairs[0][1], pairs[1][1]])
+                mtp_pos.append([pairs[0][2], pairs[1][2]])
+        if live:
+            hp = torch.stack(mtp_h)
+            mpos = torch.tensor(mtp_pos, device=dev)
+            mslots = torch.tensor([s.slot for s in live], device=dev)
+            m_logits, _ = self.model.mtp_step(0, hp, torch.tensor(mtp_tok, device=dev), mpos,
+                                              self.cache.bind(mslots, mpos), prefill=False)
+            self._set_drafts(live, m_logits[:, 1])
+
+    # ------------------------------------------------------------------------------------------ choosing tokens
+    def _uniforms(self, seqs: list[_Seq], k: int) -> torch.Tensor:
+        """k uniforms per row from each request's own generator (zeros for greedy rows, which never use them)."""
+        return torch.stack([torch.rand(k, generator=s.gen) if s.gen is not None else torch.zeros(k) for s in seqs])
+
+    def _penalise(self, seqs: list[_Seq], logits: torch.Tensor, extra: list[int] | None = None) -> torch.Tensor:
+        rows = [b for b, s in enumerate(seqs) if s.seen is not None]
+        if not rows:
+            return logits
+        seen = torch.stack([seqs[b].seen for b in rows])
+        if extra is not None:
+            seen = seen.clone()
+            seen[torch.arange(len(rows), device=seen.device), torch.tensor([extra[b] for b in rows], device=seen.device)] = True
+        r = torch.tensor(rows, device=logits.device)
+        penalty = torch.tensor([seqs[b].params.repetition_penalty for b in rows], device=logits.device)
+        logits = logits.clone()
+        logits[r] = penalise_repeats(logits[r], seen, penalty)
+        return logits
+
+    def _probs(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+        dev = logits.device
+        col = lambda name, dtype=torch.float32: torch.tensor([getattr(s.params, name) for s in seqs], dtype=dtype, device=dev)
+        return probs_from_logits(logits, col("temperature"), col("top_p"), col("top_k", torch.long), col("min_p"))
+
+    def _choose(self, seqs: list[_Seq], logits: torch.Tensor, u: torch.Tensor | None = None,
+                extra: list[int] | None = None, raw: bool = False) -> list[int]:
+        """One token per row from its logits [B, V]: forced tokens, then greedy or sampled, then the "Wait" rule.
+        `extra` (bonus tokens only): score as if that token were already appended."""
+        proc = self._penalise(seqs, logits, extra)
+        out = proc.argmax(dim=-1)
+        sampled = [b for b, s in enumerate(seqs) if s.params.temperature > 0]
+        if sampled:
+            if u is None:
+                u = self._uniforms(seqs, 1)[:, 0].to(logits.device)
+            r = torch.tensor(sampled, device=logits.device)
+            out[r] = sample(self._probs([seqs[b] for b in sampled], proc[r]), u[r])
+        chosen = out.tolist()
+        if raw:  # bonus tokens: the caller guarantees no rule applies
+            return chosen
+        for b, s in enumerate(seqs):
+            rule = self._rule(s)
+            if rule == "force":
+                chosen[b] = s.forced.popleft() if s.forced else self.end_think_id
+            elif rule == "wait" and chosen[b] in (self.end_think_id, self.eos_id):
+                chosen[b] = self.wait_ids[0]
+                s.forced.extend(self.wait_ids[1:])
+        return chosen
+
+    def _rule(self, s: _Seq, extra: int | None = None) -> str | None:
+        """Which thinking-budget rule governs this row's next token: "force" (a queued or forced token),
+        "wait" (stopping now would end thinking too early) or None. `extra`: as if that token were appended."""
+        if s.forced:
+            return "force"
+        p = s.params
+        if p.thinking_budget is None and not p.min_thinking_tokens:
+            return None
+        in_think, count = s.in_think, s.think_tokens
+        if extra is not None:
+            if extra == self.think_id:
+                in_think = True
+            elif extra == self.end_think_id:
+                in_think = False
+            elif in_think:
+                count += 1
+        if not in_think:
+            return None
+        if p.thinking_budget is not None and count >= p.thinking_budget:
+            return "force"
+        if p.min_thinking_tokens and count < p.min_thinking_tokens:
+            return "wait"
+        return None
+
+    def _set_drafts(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """The MTP module's next-token guess per row: argmax for greedy rows, a sample from q otherwise."""
+        logits = self._penalise(seqs, logits.float())
+        drafts = logits.argmax(dim=-1)
+        sampled = [b for b, s in enumerate(seqs) if s.params.temperature > 0]
+        if sampled:
+            r = torch.tensor(sampled, device=logits.device)
+            q = self._probs([seqs[b] for b in sampled], logits[r])
+            drafts[r] = sample(q, self._uniforms([seqs[b] for b in sampled], 1)[:, 0].to(q.device))
+            for i, b in enumerate(sampled):
+                seqs[b].draft_q = q[i]
+        for s, d in zip(seqs, drafts.tolist()):
+            s.draft = d
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def _append(self, s: _Seq, token: int, logit_row: torch.Tensor) -> None:
+        """Record a token chosen from `logit_row` (raw logits): think state, logprobs, text and stop checks."""
+        s.out.append(token)
+        s.new.append(token)
+        if token == self.think_id:
+            s.in_think = True
+        elif token == self.end_think_id:
+            s.in_think = False
+        elif s.in_think:
+            s.think_tokens += 1
+        if s.seen is not None:
+            s.seen[token] = True
+        if s.logprobs is not None:
+            lp = logit_row.float().log_softmax(dim=-1)
+            s.logprobs.append(float(lp[token]))
+            if s.top_logprobs is not None:
+                v, i = lp.topk(min(s.params.top_logprobs, lp.numel()))
+                s.top_logprobs.append(dict(zip(i.tolist(), v.tolist())))
+        p = s.params
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            s.finish_reason = "stop"
+            return
+        if self.tokenizer is not None:
+            self._detokenize(s)
+            for stop in p.stop:
+                at = s.text.find(stop)
+                if at >= 0:
+                    s.text = s.text[:at]
+                    s.finish_reason = "stop"
+                    return
+        if len(s.out) >= p.max_tokens or len(s.prompt) + len(s.out) >= self.max_len:
+            s.finish_reason = "length"
+
+    def _detokenize(self, s: _Seq) -> None:
+        """Incremental decoding: decode a short window and keep only the new characters, holding back a partial
+        UTF-8 character (shown as U+FFFD) until its remaining bytes arrive."""
+        tok = self.tokenizer
+        prefix = tok.decode(s.out[s.p_off:s.r_off], skip_special=True)
+        full = tok.decode(s.out[s.p_off:], skip_special=True)
+        if full.endswith("\ufffd"):
+            return
+        s.text += full[len(prefix):]
+        s.p_off, s.r_off = s.r_off, len(s.out)
+
+    def _output(self, s: _Seq) -> Output:
+        reasoning, answer = split_reasoning(s.text, s.think_open_at_start) if self.tokenizer else ("", "")
+        return Output(s.id, s.prompt, list(s.out), s.text, reasoning, answer, s.finish_reason, s.logprobs,
+                      s.top_logprobs, s.drafted, s.accepted)
+
+
+def _last_open(ids: list[int], open_id: int, close_id: int) -> bool:
+    """True if the last think tag in `ids` opens a region (a template that pre-fills <think>)."""
+    for t in reversed(ids):
+        if t == close_id:
+            return False
+        if t == open_id:
+            return True
+    return False

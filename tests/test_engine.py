@@ -1,0 +1,359 @@
+"""The inference engine: greedy == full-forward reference (batched, continuous, speculative), exact speculative
+sampling, seeds, stops, logprobs, thinking budgets, reasoning split, bad inputs and the two commands."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.checkpoint import save_model
+from nanoseek.config import smoke
+from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.engine import Engine, Request, split_reasoning
+from nanoseek.infer.sampling import SamplingParams, sample, speculative_accept
+from nanoseek.model.transformer import DeepseekV3ForCausalLM
+from nanoseek.tokenizer import Tokenizer
+
+CORPUS = ["What is 12+30? <think>Let me add 12 and 30. Wait, 2 plus 0 is 2.</think><answer>42</answer>"] * 40 + \
+         ["hello world, the quick brown fox jumps over the lazy dog"] * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(CORPUS, 400)
+
+
+def _model(vocab_size: int = 512, seed: int = 0) -> DeepseekV3ForCausalLM:
+    torch.manual_seed(seed)
+    return DeepseekV3ForCausalLM(smoke().replace(vocab_size=vocab_size)).eval()
+
+
+def _rigged(attn_scale: float = 1.0) -> DeepseekV3ForCausalLM:
+    """A model whose MTP module nearly agrees with it, so drafts are often (not always) accepted.
+
+    With every FFN output zeroed, the main model's hidden state is norm(emb(t) + attention), so its next token is
+    mostly a function of the current token. The MTP module, with eh_proj passing only the embedding through and
+    its own attention and FFN zeroed, computes the same function of the token it is given: its draft matches
+    unless the main model's attention (scaled by `attn_scale`) changed its mind.
+    """
+    m = _model()
+    D = m.config.hidden_size
+    with torch.no_grad():
+        for layer in m.main_layers:
+            layer.self_attn.o_proj.weight.mul_(attn_scale)
+            mlp = layer.mlp
+            if hasattr(mlp, "experts"):
+                mlp.experts.down_proj.zero_()
+                mlp.shared_experts.down_proj.weight.zero_()
+            else:
+                mlp.down_proj.weight.zero_()
+        mtp = m.mtp_modules[0]
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :D] = torch.eye(D)
+        mtp.self_attn.o_proj.weight.zero_()
+        mtp.mlp.experts.down_proj.zero_()
+        mtp.mlp.shared_experts.down_proj.weight.zero_()
+        m.lm_head.weight.mul_(20)
+    return m
+
+
+def _with_bias(model: DeepseekV3ForCausalLM, bias: torch.Tensor) -> DeepseekV3ForCausalLM:
+    """Give the output head a bias (a test-only way to steer which tokens the model prefers)."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.copy_(bias)
+    model.lm_head = head
+    return model
+
+
+@torch.no_grad()
+def _reference(model, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy without a cache: re-run the whole sequence every step and take the argmax."""
+    ids, out, logits = list(prompt), [], []
+    for _ in range(n):
+        row = model(torch.tensor([ids]))[0, -1]
+        logits.append(row)
+        out.append(int(row.argmax()))
+        ids.append(out[-1])
+    return out, logits
+
+
+# ------------------------------------------------------------------------------------------ greedy == reference
+@pytest.mark.parametrize("speculative", [False, True])
+def test_greedy_batch_one_equals_full_forward_reference(speculative):
+    model = _model()
+    prompt = [3, 17, 99, 250, 7]
+    out = Engine(model, max_batch=2).generate([prompt], max_tokens=24, temperature=0, ignore_eos=True,
+                                              speculative=speculative)[0]
+    assert out.token_ids == _reference(model, prompt, 24)[0]
+    assert out.finish_reason == "length" and out.prompt_tokens == 5
+    assert (out.num_drafted > 0) == speculative
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_continuous_batching_requests_joining_at_different_steps_equal_reference(speculative):
+    model = _rigged() if speculative else _model()
+    engine = Engine(model, max_batch=3)  # 5 requests, 3 slots: two must wait for a slot to free up
+    prompts = [[5, 6, 7], list(range(10, 40)), [100], [42, 43], list(range(200, 212))]
+    lengths = [12, 6, 15, 9, 10]
+    outputs, ids = {}, {}
+    for step in range(200):
+        if step in (0, 2, 3, 7, 8):  # join between steps
+            i = (0, 2, 3, 7, 8).index(step)
+            ids[engine.add_request(prompts[i], max_tokens=lengths[i], temperature=0, ignore_eos=True,
+                                   speculative=speculative)] = i
+        for e in engine.step():
+            if e.finished:
+                outputs[ids[e.request_id]] = e.output
+        if len(outputs) == len(prompts):
+            break
+    assert not engine.has_unfinished() and sorted(engine.free_slots) == [0, 1, 2]
+    for i, p in enumerate(prompts):
+        assert outputs[i].token_ids == _reference(model, p, lengths[i])[0], f"request {i}"
+    if speculative:
+        assert sum(o.num_accepted for o in outputs.values()) > 0
+
+
+def test_rigged_mtp_drafts_are_accepted_and_counted_consistently():
+    model = _rigged()
+    engine = Engine(model, max_batch=1)
+    prompt = [1 + 3, 9, 27]
+    rid = engine.add_request(prompt, max_tokens=40, temperature=0, ignore_eos=True, speculative=True)
+    per_step = []
+    while engine.has_unfinished():
+        for e in engine.step():
+            per_step.append(len(e.token_ids))
+            out = e.output
+    assert out.request_id == rid and out.token_ids == _reference(model, prompt, 40)[0]
+    assert 0 < out.num_accepted < out.num_drafted  # both paths taken
+    # each verify step emits 1 token plus a bonus token per accepted draft (the last step may be cut by max_tokens)
+    assert per_step[0] == 1 and set(per_step[1:]) <= {1, 2}
+    assert sum(n - 1 for n in per_step[1:]) in (out.num_accepted, out.num_accepted - 1)
+    assert out.num_drafted == len(per_step) - 1
+    assert 0 < out.acceptance_rate < 1
+
+
+# ------------------------------------------------------------------------------------------ speculative sampling
+def test_speculative_accept_rule_gives_the_target_distribution():
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1, 0.0])
+    q = torch.tensor([0.1, 0.4, 0.1, 0.1, 0.3])  # very unlike p, and proposes a token p forbids
+    N = 200_000
+    draft = sample(q.expand(N, 5), torch.rand(N))
+    accepted, token = speculative_accept(p.expand(N, 5), q.expand(N, 5), draft, torch.rand(N), torch.rand(N))
+    freq = torch.bincount(token, minlength=5).float() / N
+    assert (freq - p).abs().max() < 0.005
+    assert freq[4] == 0
+    # acceptance probability is sum_x min(p, q) = 0.1 + 0.2 + 0.1 + 0.1 + 0 = 0.5
+    assert abs(accepted.float().mean().item() - 0.5) < 0.005
+
+
+def test_sampling_filters_top_k_top_p_min_p():
+    from nanoseek.infer.sampling import probs_from_logits
+
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 3))
+    probs = probs_from_logits(logits, torch.ones(3), torch.tensor([1.0, 0.6, 1.0]), torch.tensor([2, 0, 0]),
+                              torch.tensor([0.0, 0.0, 0.4]))
+    assert torch.allclose(probs[0], torch.tensor([4 / 7, 3 / 7, 0, 0]))  # top-k 2
+    assert torch.allclose(probs[1], torch.tensor([4 / 7, 3 / 7, 0, 0]))  # top-p 0.6: 0.4 + 0.3 reach it
+    assert torch.allclose(probs[2], torch.tensor([4 / 9, 3 / 9, 2 / 9, 0]))  # min-p 0.4 x 0.4 = 0.16
+
+
+def test_speculative_sampling_end_to_end_matches_target_distribution():
+    """First three tokens at temperature 1, with and without speculation, against exact probabilities from
+    full forwards: a chi-square test over the 27 sequences of a 3-token vocabulary."""
+    allowed = torch.tensor([10, 11, 12])
+    bias = torch.full((512,), -1e4)
+    bias[allowed] = 0.0
+    model = _with_bias(_rigged(attn_scale=1.0), bias)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.1)  # soften: every sequence keeps a fair share of the mass
+    prompt = [5, 6, 7]
+    exact = {}
+    with torch.no_grad():
+        for a in range(3):
+            for b in range(3):
+                for c in range(3):
+                    seq = [10 + a, 10 + b, 10 + c]
+                    lp = model(torch.tensor([prompt + seq[:2]]))[0, -3:].log_softmax(-1)
+                    exact[tuple(seq)] = float(lp[0, seq[0]] + lp[1, seq[1]] + lp[2, seq[2]])
+    exact = {k: float(torch.tensor(v).exp()) for k, v in exact.items()}
+    N = 1500
+    for speculative in (False, True):
+        outs = Engine(model, max_batch=128).generate([prompt] * N, max_tokens=3, temperature=1.0, seed=1,
+                                                      ignore_eos=True, speculative=speculative)
+        counts = Counter(tuple(o.token_ids) for o in outs)
+        assert set(counts) <= set(exact)
+        chi2 = sum((counts.get(k, 0) - N * p) ** 2 / (N * p) for k, p in exact.items())
+        assert chi2 < 55, (speculative, chi2)  # 26 degrees of freedom: p < 0.001 at 54
+        if speculative:
+            drafted = sum(o.num_drafted for o in outs)
+            assert 0 < sum(o.num_accepted for o in outs) < drafted
+
+
+# ------------------------------------------------------------------------------------------ sampling behaviour
+def test_seed_reproduces_whatever_shares_the_batch():
+    engine = Engine(_model(), max_batch=4)
+    kw = dict(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, repetition_penalty=1.3)
+    alone = engine.generate([[1, 2, 3]], seed=7, **kw)[0].token_ids
+    crowd = engine.generate([[1, 2, 3], [9, 9], [4, 5, 6, 7]], seed=7, **kw)[0].token_ids
+    assert alone == crowd
+    assert engine.generate([[1, 2, 3]], seed=8, **kw)[0].token_ids != alone
+
+
+def test_max_tokens_stop_tokens_and_stop_strings(tok):
+    model = _model(tok.vocab_size)
+    engine = Engine(model, tokenizer=tok)
+    full = engine.generate(["hello world"], max_tokens=20, temperature=0, ignore_eos=True)[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == 20
+    stop_id = full.token_ids[6]
+    cut = engine.generate(["hello world"], max_tokens=20, temperature=0, stop_token_ids=[stop_id])[0]
+    assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[: full.token_ids.index(stop_id) + 1]
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip()
+    by_str = engine.generate(["hello world"], max_tokens=20, temperature=0, stop=[stop], ignore_eos=True)[0]
+    assert by_str.finish_reason == "stop" and by_str.text == text[: text.index(stop)]
+
+
+def test_logprobs_match_log_softmax_of_reference_logits():
+    model = _model()
+    out = Engine(model).generate([[8, 9, 10]], max_tokens=6, temperature=0, ignore_eos=True, logprobs=True,
+                                 top_logprobs=3)[0]
+    ids, logits = _reference(model, [8, 9, 10], 6)
+    for t, (tok_id, row) in enumerate(zip(ids, logits)):
+        lp = row.log_softmax(-1)
+        assert out.logprobs[t] == pytest.approx(float(lp[tok_id]), abs=1e-4)
+        top = out.top_logprobs[t]
+        assert list(top) == lp.topk(3).indices.tolist() and tok_id in top
+
+
+def test_stream_yields_the_text_and_abort_frees_the_slot(tok):
+    engine = Engine(_model(tok.vocab_size), tokenizer=tok, max_batch=1)
+    deltas = list(engine.stream("hello", max_tokens=12, temperature=0, ignore_eos=True))
+    assert "".join(deltas) == engine.last_output.text and len(deltas) > 1
+    gen = engine.stream("hello", max_tokens=50, temperature=0, ignore_eos=True)
+    next(gen)
+    gen.close()  # the caller went away
+    assert not engine.has_unfinished() and engine.free_slots == [0]
+    rid = engine.add_request(Request("hello", SamplingParams(max_tokens=5)))
+    assert engine.abort(rid) and not engine.abort(rid)
+
+
+# ------------------------------------------------------------------------------------------ thinking
+def test_thinking_budget_forces_end_of_thinking_after_n_tokens(tok):
+    engine = Engine(_model(tok.vocab_size), tokenizer=tok)
+    prompt = tok.encode("What is 12+30?<think>", add_bos=True)  # a template that pre-fills <think>
+    out = engine.generate([prompt], max_tokens=12, temperature=0, ignore_eos=True, thinking_budget=5,
+                          stop_token_ids=[tok.end_answer_id])[0]
+    assert out.token_ids[5] == tok.end_think_id and tok.end_think_id not in out.token_ids[:5]
+    assert out.reasoning == tok.decode(out.token_ids[:5], skip_special=True).strip()
+    assert out.answer == tok.decode(out.token_ids[6:], skip_special=True).strip()
+
+
+def test_min_thinking_replaces_early_end_of_thinking_with_wait(tok):
+    bias = torch.zeros(tok.vocab_size)
+    bias[tok.end_think_id] = 50.0  # this model wants to stop thinking at once
+    model = _with_bias(_model(tok.vocab_size), bias)
+    engine = Engine(model, tokenizer=tok)
+    prompt = tok.encode("What is 12+30?<think>", add_bos=True)
+    eager = engine.generate([prompt], max_tokens=3, temperature=0)[0]
+    assert eager.token_ids[0] == tok.end_think_id
+    wait = tok.encode("Wait")
+    for speculative in (False, True):
+        out = engine.generate([prompt], max_tokens=20, temperature=0, min_thinking_tokens=4, ignore_eos=True,
+                              speculative=speculative)[0]
+        end = out.token_ids.index(tok.end_think_id)
+        assert end >= 4 and out.token_ids[: len(wait)] == wait and "Wait" in out.reasoning
+
+
+def test_split_reasoning_and_answer():
+    assert split_reasoning("<think>a b</think> c") == ("a b", "c")
+    assert split_reasoning("a b</think><answer>42</answer>") == ("a b", "42")  # <think> was in the prompt
+    assert split_reasoning("<think>x</think>y<answer>7</answer>z") == ("x", "7")
+    assert split_reasoning("just text") == ("", "just text")
+    assert split_reasoning("still thinking", think_open=True) == ("still thinking", "")
+    assert split_reasoning("<think>cut off") == ("cut off", "")
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize("kw, match", [
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"min_p": 2}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"thinking_budget": 4, "min_thinking_tokens": 8}, "cannot exceed"),
+])
+def test_contradictory_sampling_parameters_are_one_clear_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Engine(_model(), max_batch=1).generate([[1, 2]], **{"max_tokens": 4, **kw})
+
+
+def test_bad_prompts_and_directories(tmp_path):
+    engine = Engine(_model(), max_batch=1, max_len=32)
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        engine.generate([])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        engine.generate([[]])
+    with pytest.raises(ValueError, match="40 tokens but the context holds 32"):
+        engine.generate([list(range(40))])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.generate(["some text"])
+    with pytest.raises(NotADirectoryError, match="not a model directory"):
+        Engine(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Engine(tmp_path / "missing")
+
+
+def test_length_limit_of_the_context_ends_with_length():
+    engine = Engine(_model(), max_len=16)
+    out = engine.generate([list(range(10))], max_tokens=100, temperature=0, ignore_eos=True, speculative=True)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 6
+
+
+def test_cache_bytes_per_token_and_loading_from_a_directory(tmp_path, tok):
+    model = _model(tok.vocab_size)
+    save_model(model, tmp_path / "m", tokenizer=tok)
+    engine = nanoseek.Engine(tmp_path / "m", dtype=torch.bfloat16)
+    cfg = model.config
+    assert engine.cache_bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2
+    assert engine.cache_bytes_per_token == LatentCache.bytes_per_token(cfg, torch.bfloat16)
+    out = engine.generate(["hello"], max_tokens=4, temperature=0, chat=True)[0]
+    assert out.prompt_token_ids[:2] == [tok.bos_id, tok.user_id] and out.prompt_token_ids[-1] == tok.assistant_id
+
+
+# ------------------------------------------------------------------------------------------ commands
+def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoseek", *args], input=stdin, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_generate_and_chat_commands(tmp_path, tok):
+    save_model(_model(tok.vocab_size), tmp_path / "m", tokenizer=tok)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "hello"}) + "\n" +
+                       json.dumps({"messages": [{"role": "user", "content": "What is 12+30?"}]}) + "\n")
+    r = _cli("generate", str(tmp_path / "m"), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+             "--max-tokens", "5", "--speculative", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["id"] == "a" and rows[1]["completion_tokens"] <= 5 and "answer" in rows[0]
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\ntwo\n")
+    r = _cli("generate", str(tmp_path / "m"), "--prompts", str(txt), "--out", str(tmp_path / "o2.jsonl"),
+             "--max-tokens", "3", "--temperature", "-1", "--device", "cpu")
+    assert r.returncode == 2 and "temperature must be >= 0" in r.stderr
+    r = _cli("chat", str(tmp_path / "m"), "--max-tokens", "4", "--device", "cpu",
+             stdin="hello\n/budget 3\n/reset\nhi again\n/quit\nnever read\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("model>") == 2 and "thinking budget: 3" in r.stderr
+    r = _cli("generate", str(tmp_path), "--prompts", str(txt), "--out", str(tmp_path / "o3.jsonl"))
+    assert r.returncode == 2 and "not a model directory" in r.stderr
