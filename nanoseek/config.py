@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +173,7 @@ class ModelConfig:
         return cls(**kw).validate()
 
     def save(self, path: str | Path) -> None:
-        from nanoseek.checkpoint import atomic_write_text  # lazy: checkpoint sits below config in the layers
+        from nanoseek.atomic import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
 

@@ -23,13 +23,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.atomic import atomic_write_json
 from nanoseek.config import ModelConfig, deepseek_v3_671b, rope_type
 
 # ==================================================================== 1. parameters and FLOPs
@@ -440,21 +440,6 @@ def make_receipt(stage: str, device: str, wall_seconds: float, tokens: int, flop
                    precision, dict(extra))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON so a reader sees the old file or the new one, never half: temp file, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_receipt(receipt: Receipt, path: str | Path) -> None:

@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+from nanoseek.atomic import atomic_write_text
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -54,21 +55,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename: a reader sees old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _check_messages(messages: Sequence[dict]) -> None:
@@ -244,9 +230,9 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,  # byte-level BPE round-trips exactly; don't "clean" spaces
             "chat_template": CHAT_TEMPLATE,
         }
-        _atomic_write_text(d / "tokenizer.json", self._tok.to_str(pretty=True))
-        _atomic_write_text(d / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-        _atomic_write_text(d / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+        atomic_write_text(d / "tokenizer.json", self._tok.to_str(pretty=True))
+        atomic_write_text(d / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(d / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
         return d
 
     @classmethod

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanoseek.atomic import atomic_write_json, fsync_dir
+
 FORMAT = "nanoseek-shards"
 VERSION = 1
 META = "meta.json"
@@ -339,11 +341,11 @@ def build_shards(documents: Iterable[str], encode: Callable[[str], list[int]], o
             raise ValueError(f"All {writers['val'].documents} documents fell into the held-out split; "
                              f"lower val_fraction or add data.")
         meta = {**settings, "fingerprint": fingerprint, "splits": {s: w.meta() for s, w in writers.items()}}
-        _write_json_atomic(partial / META, meta)
+        atomic_write_json(partial / META, meta)
         if out.exists():
             shutil.rmtree(out)  # only reached for an empty directory or one of our own shard dirs (checked above)
         os.rename(partial, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -383,26 +385,6 @@ def _check_existing(out: Path, fingerprint: str | None, overwrite: bool) -> Shar
     raise FileExistsError(f"{out} already holds {what}; choose another directory or pass overwrite=True.")
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable. Some platforms cannot open a directory; the rename is still atomic there.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 # --------------------------------------------------------------------------------------------- reading
