@@ -1,8 +1,8 @@
 """The inference engine: greedy == full-forward reference (batched, continuous, speculative), exact speculative
 sampling, seeds, stops, logprobs, thinking budgets, reasoning split, bad inputs and the two commands."""
 
+import io
 import json
-import subprocess
 import sys
 from collections import Counter
 
@@ -20,6 +20,15 @@ from nanoseek.tokenizer import Tokenizer
 
 CORPUS = ["What is 12+30? <think>Let me add 12 and 30. Wait, 2 plus 0 is 2.</think><answer>42</answer>"] * 40 + \
          ["hello world, the quick brown fox jumps over the lazy dog"] * 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Models this small decode fastest on one thread; on a shared, busy CPU extra threads mostly wait for each other.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -331,29 +340,36 @@ def test_cache_bytes_per_token_and_loading_from_a_directory(tmp_path, tok):
 
 
 # ------------------------------------------------------------------------------------------ commands
-def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanoseek", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120)
+def _cli(capsys, monkeypatch, *args, stdin: str = "") -> tuple[int, str, str]:
+    """Run `nanoseek ARGS` in this process (a subprocess would spend seconds importing torch), stdin piped."""
+    from nanoseek.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main([*args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_generate_and_chat_commands(tmp_path, tok):
+def test_generate_and_chat_commands(tmp_path, tok, capsys, monkeypatch):
     save_model(_model(tok.vocab_size), tmp_path / "m", tokenizer=tok)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": "a", "prompt": "hello"}) + "\n" +
                        json.dumps({"messages": [{"role": "user", "content": "What is 12+30?"}]}) + "\n")
-    r = _cli("generate", str(tmp_path / "m"), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
-             "--max-tokens", "5", "--speculative", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    code, out, err = _cli(capsys, monkeypatch, "generate", str(tmp_path / "m"), "--prompts", str(prompts),
+                          "--out", str(tmp_path / "o.jsonl"), "--max-tokens", "5", "--speculative", "--device", "cpu")
+    assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["id"] == "a" and rows[1]["completion_tokens"] <= 5 and "answer" in rows[0]
+    assert "2 prompts" in out
     txt = tmp_path / "p.txt"
     txt.write_text("one\n\ntwo\n")
-    r = _cli("generate", str(tmp_path / "m"), "--prompts", str(txt), "--out", str(tmp_path / "o2.jsonl"),
-             "--max-tokens", "3", "--temperature", "-1", "--device", "cpu")
-    assert r.returncode == 2 and "temperature must be >= 0" in r.stderr
-    r = _cli("chat", str(tmp_path / "m"), "--max-tokens", "4", "--device", "cpu",
-             stdin="hello\n/budget 3\n/reset\nhi again\n/quit\nnever read\n")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("model>") == 2 and "thinking budget: 3" in r.stderr
-    r = _cli("generate", str(tmp_path), "--prompts", str(txt), "--out", str(tmp_path / "o3.jsonl"))
-    assert r.returncode == 2 and "not a model directory" in r.stderr
+    code, out, err = _cli(capsys, monkeypatch, "generate", str(tmp_path / "m"), "--prompts", str(txt),
+                          "--out", str(tmp_path / "o2.jsonl"), "--temperature", "-1", "--device", "cpu")
+    assert code == 2 and "temperature must be >= 0" in err and not (tmp_path / "o2.jsonl").exists()
+    code, out, err = _cli(capsys, monkeypatch, "chat", str(tmp_path / "m"), "--max-tokens", "4", "--device", "cpu",
+                          stdin="hello\n/budget 3\n/reset\nhi again\n/quit\nnever read\n")
+    assert code == 0, err
+    assert out.count("model>") == 2 and "thinking budget: 3" in err
+    code, out, err = _cli(capsys, monkeypatch, "generate", str(tmp_path), "--prompts", str(txt),
+                          "--out", str(tmp_path / "o3.jsonl"))
+    assert code == 2 and "not a model directory" in err

@@ -295,10 +295,10 @@ def test_deepseek_v3_softmax_scale_matches_reference():
 
 
 def test_presets_build_and_have_the_promised_sizes():
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time, so a busy machine does not fail the test
     model = DeepseekV3ForCausalLM(smoke())
     model(torch.randint(0, 512, (1, 16)))
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
     cfg = tiny()
     with torch.device("meta"):
         n = sum(p.numel() for p in DeepseekV3ForCausalLM(cfg).parameters())

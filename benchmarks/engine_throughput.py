@@ -1,0 +1,212 @@
+"""Decode throughput of nanoseek's engine vs transformers' `generate`, side by side, on one tiny checkpoint.
+
+    python benchmarks/engine_throughput.py                 # tiny preset, random weights, CPU
+    python benchmarks/engine_throughput.py --device cuda --dtype bfloat16
+    python benchmarks/engine_throughput.py --trained runs/tiny   # MTP speculation on a trained checkpoint
+
+Both sides load the same saved checkpoint, decode greedily with their cache, are warmed up first, and must make
+exactly --new-tokens tokens per sequence (min_new_tokens = max_new_tokens for transformers, ignore_eos for us).
+Random weights are fine for throughput. Tokens/s counts new tokens over the whole `generate` call (prefill of a
+short prompt included, on both sides). Also reported: cache bytes per token (ours: the latent cache; transformers:
+full per-head K and V, computed from the config and measured from its DynamicCache), and MTP speculation at
+batch 1 (acceptance rate and speed-up), which only means something on a trained checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoseek.checkpoint import atomic_write_text, save_model  # noqa: E402
+from nanoseek.config import preset  # noqa: E402
+from nanoseek.infer.engine import Engine  # noqa: E402
+from nanoseek.model.transformer import DeepseekV3ForCausalLM  # noqa: E402
+
+SECTION = "## Inference engine (issue 4)"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ours(engine: Engine, prompts: list[list[int]], new: int, device: str, speculative: bool = False):
+    kw = dict(temperature=0.0, ignore_eos=True, speculative=speculative)
+    engine.generate(prompts, max_tokens=8, **kw)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, max_tokens=new, **kw)
+    sync(device)
+    dt = time.perf_counter() - t0
+    assert all(len(o.token_ids) == new for o in outs)
+    return sum(len(o.token_ids) for o in outs) / dt, outs
+
+
+@torch.inference_mode()
+def time_hf(model, prompts: list[list[int]], new: int, device: str):
+    ids = torch.tensor(prompts, device=device)  # equal-length prompts: no padding needed
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0, return_dict_in_generate=True)
+    model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+    sync(device)
+    dt = time.perf_counter() - t0
+    made = out.sequences.shape[1] - ids.shape[1]
+    assert made == new, made
+    return ids.shape[0] * new / dt, out
+
+
+def hf_cache_bytes_measured(out, batch: int) -> float | None:
+    """Bytes per token actually held by transformers' DynamicCache after generation (all layers, K and V)."""
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        return None
+    total, seq = 0, None
+    layers = getattr(cache, "layers", None)
+    pairs = [(l.keys, l.values) for l in layers] if layers is not None else list(cache)
+    for k, v in pairs:
+        total += k.numel() * k.element_size() + v.numel() * v.element_size()
+        seq = k.shape[-2]
+    return total / (batch * seq) if seq else None
+
+
+def find_trained(root: Path = Path("runs")) -> Path | None:
+    """The newest run model under runs/ that has MTP weights (a trained checkpoint for the speculation figure)."""
+    best = None
+    for cfg in root.glob("**/model/config.json") if root.exists() else []:
+        try:
+            if json.loads(cfg.read_text()).get("num_nextn_predict_layers", 0) > 0 and any(cfg.parent.glob("*.safetensors")):
+                if best is None or cfg.stat().st_mtime > best.stat().st_mtime:
+                    best = cfg
+        except (OSError, json.JSONDecodeError):
+            continue
+    return best.parent if best else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--trained", default=None, help="trained checkpoint for the MTP figure (default: newest under runs/)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import DeepseekV3ForCausalLM as HF
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    cfg = preset(args.preset)
+    tmp = Path(tempfile.mkdtemp(prefix="nanoseek-bench-"))
+    save_model(DeepseekV3ForCausalLM(cfg), tmp / "model")
+    batches = [int(b) for b in args.batches.split(",")]
+    ours_engine = Engine(tmp / "model", dtype=dtype, device=args.device, max_batch=max(batches),
+                         max_len=args.prompt_len + args.new_tokens + 8)
+    hf = HF.from_pretrained(tmp / "model", dtype=dtype).to(args.device).eval()
+    g = torch.Generator().manual_seed(1)
+    rows, hf_measured = [], None
+    for B in batches:
+        prompts = torch.randint(10, cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
+        ours_tps, ours_outs = time_ours(ours_engine, prompts, args.new_tokens, args.device)
+        hf_tps, hf_out = time_hf(hf, prompts, args.new_tokens, args.device)
+        same = sum(o.token_ids == s[args.prompt_len:].tolist() for o, s in zip(ours_outs, hf_out.sequences))
+        hf_measured = hf_cache_bytes_measured(hf_out, B) or hf_measured
+        rows.append((B, ours_tps, hf_tps, same))
+        print(f"batch {B:>2}: nanoseek {ours_tps:8.1f} tok/s   transformers {hf_tps:8.1f} tok/s   "
+              f"x{ours_tps / hf_tps:.1f}   identical greedy outputs {same}/{B}", flush=True)
+
+    el = torch.empty((), dtype=dtype).element_size()
+    ours_bpt = ours_engine.cache_bytes_per_token
+    hf_bpt = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * el
+    print(f"cache bytes/token: nanoseek {ours_bpt}  transformers {hf_bpt} (computed), "
+          f"{hf_measured:.0f} (measured)  ratio x{hf_bpt / ours_bpt:.1f}")
+
+    # MTP speculation at batch 1
+    trained = Path(args.trained) if args.trained else find_trained()
+    spec_model = trained if trained else tmp / "model"
+    spec_engine = Engine(spec_model, dtype=dtype, device=args.device, max_batch=1) if trained else ours_engine
+    spec_cfg = spec_engine.config
+    prompt = torch.randint(10, spec_cfg.vocab_size, (1, args.prompt_len), generator=g).tolist()
+    if trained and spec_engine.tokenizer is not None:
+        prompt = [spec_engine.tokenizer.render_chat_ids([{"role": "user", "content": "What is 12+30?"}])]
+    base_tps, base_outs = time_ours(spec_engine, prompt, args.new_tokens, args.device)
+    spec_tps, spec_outs = time_ours(spec_engine, prompt, args.new_tokens, args.device, speculative=True)
+    acc = spec_outs[0].acceptance_rate
+    identical = spec_outs[0].token_ids == base_outs[0].token_ids
+    label = f"trained checkpoint `{trained}`" if trained else "random weights (no trained checkpoint under runs/ yet)"
+    print(f"MTP speculation, batch 1, {label}: acceptance {acc:.1%}, {spec_tps:.1f} vs {base_tps:.1f} tok/s "
+          f"(x{spec_tps / base_tps:.2f}), identical to plain greedy: {identical}")
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    machine = (f"{device_name}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+               f"transformers {__import__('transformers').__version__}, {args.dtype}")
+    lines = [
+        SECTION, "",
+        f"`python benchmarks/engine_throughput.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        "",
+        f"Machine: {machine}. Model: `{args.preset}` preset ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M "
+        f"parameters), random weights saved with `save_model`, loaded by both sides from the same directory. Greedy, "
+        f"{args.prompt_len}-token prompts, exactly {args.new_tokens} new tokens per sequence, both warmed up; "
+        f"tokens/s = new tokens / wall time of the whole generate call.",
+        "",
+        "| batch | nanoseek Engine tok/s | transformers generate tok/s | speed-up | same greedy tokens |",
+        "|---|---|---|---|---|",
+        *[f"| {B} | {o:.1f} | {h:.1f} | **{o / h:.1f}x** | {s}/{B} |" for B, o, h, s in rows],
+        "",
+        "| cache bytes per token | nanoseek (latent c_kv + k_pe) | transformers (per-head K + V) | ratio |",
+        "|---|---|---|---|",
+        f"| `{args.preset}`, {args.dtype} | {ours_bpt:,} = ({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x "
+        f"{cfg.num_hidden_layers} x {el} | {hf_bpt:,} computed = {cfg.num_hidden_layers} x {cfg.num_attention_heads} x "
+        f"({cfg.qk_head_dim} + {cfg.v_head_dim}) x {el} for the per-head layout; {hf_measured:,.0f} measured from "
+        f"its DynamicCache | {hf_bpt / ours_bpt:.1f}x per-head; {hf_measured / ours_bpt:.1f}x measured |",
+        "",
+        "Measured, the installed transformers caches the compressed latent too (its DynamicCache holds c_kv "
+        "[B, 1, S, kv_lora_rank] as keys and k_pe [B, 1, S, rope] as values), so the per-head figure is what a "
+        "full K/V cache (older transformers, vLLM with MLA disabled) would hold, not what this version holds.",
+        "",
+        "| MTP speculation, batch 1 | acceptance | plain tok/s | speculative tok/s | speed-up | identical output |",
+        "|---|---|---|---|---|---|",
+        f"| {label} | {acc:.1%} | {base_tps:.1f} | {spec_tps:.1f} | {spec_tps / base_tps:.2f}x | {identical} |",
+        "",
+    ]
+    worst = min(o / h for _, o, h, _ in rows)
+    if worst < 10:
+        lines += [f"Target >= 10x at both batch sizes: **not met** (worst {worst:.1f}x). Profile (torch.profiler, batch 1): "
+                  "a decode step is ~800 small aten ops; both sides are bound by per-op overhead, not FLOPs or bytes "
+                  "(the model forward alone is ~95% of our step; sampling and bookkeeping are the rest). Next: "
+                  "compile the decode step (torch.compile over a fixed-shape cache span, CUDA graphs on GPU), a "
+                  "B=1 MoE path that runs only the chosen experts, and bf16 weights on GPU.", ""]
+    if not trained:
+        lines += ["The trained-checkpoint MTP figure is **pending**: no trained checkpoint with MTP weights existed under "
+                  "`runs/` when this ran. A random model's MTP drafts are almost never accepted, so this row shows "
+                  "the cost of speculating, not its benefit (target on a trained checkpoint: >= 1.5x).", ""]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        path = Path(__file__).resolve().parent / "RESULTS.md"
+        old = path.read_text() if path.exists() else ""
+        old = old if old.strip() else "# Benchmark results\n"
+        pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
+        new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text + "\n"
+        atomic_write_text(path, new)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
