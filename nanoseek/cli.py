@@ -199,7 +199,9 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- pretrain
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
     """Flags every training stage shares (pretrain, sft, grpo, distill)."""
-    p.add_argument("--run", required=True, help="run directory (config, metrics, checkpoints, model, receipt)")
+    # --run-dir: the same flag under a name torchrun's own parser does not mistake for its --run-path
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (config, metrics, checkpoints, model, receipt)")
     p.add_argument("--steps", type=int, help="optimizer steps to train")
     p.add_argument("--tokens", type=str, help="tokens to train on (e.g. 5M, 2e6)")
     p.add_argument("--minutes", type=float, help="wall-clock training budget in minutes")
@@ -211,6 +213,8 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32", "fp8"], help="bf16 autocast (default), fp32 or fp8")
     p.add_argument("--fp8", action="store_true", help="same as --precision fp8")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--ep-size", type=int, default=1,
+                   help="expert parallelism under torchrun: routed experts split over this many ranks (default 1)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--price", type=float, help="dollars per device-hour for the receipt (default: the catalogue's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -266,7 +270,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     train_cfg, model_sets = _train_config(args)
     model_cfg = preset(args.preset).with_overrides(model_sets)
     data = DataConfig(paths=args.data, tokenizer=args.tokenizer)
-    pretrain(model_cfg, train_cfg, data, args.run, resume=args.resume, price_per_hour=args.price)
+    pretrain(model_cfg, train_cfg, data, args.run, resume=args.resume, price_per_hour=args.price,
+             ep_size=args.ep_size)
     return 0
 
 
@@ -460,7 +465,301 @@ def _split_tags(text: str, tags: tuple[str, ...]) -> list[str]:
     return [p for p in re.split("(" + "|".join(map(re.escape, tags)) + ")", text) if p]
 
 
-_COMMANDS = [_add_demo, _add_cost, _add_tokenizer, _add_pretrain, _add_generate, _add_chat]
+# ---------------------------------------------------------------------------------------------- report
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="a markdown report card with plots: cost per stage, training, evaluations",
+                       description="Write report.md and PNG plots for one or more run directories: a cost table per "
+                                   "stage shaped like DeepSeek-V3's (device-hours, dollars, and the same FLOPs "
+                                   "projected onto one H100), a training summary, evaluations (eval*.json in each "
+                                   "run, or --eval), and plots of loss, throughput/MFU, expert load and RL metrics.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories in pipeline order (pretrain sft grpo)")
+    p.add_argument("--out", help="directory for report.md and its plots (default: the last RUN_DIR)")
+    p.add_argument("--project-to", default="h100", help="device to project every stage's FLOPs onto (default h100)")
+    p.add_argument("--mfu", default="0.4", help="MFU assumed for the projection, as a fraction (default 0.4)")
+    p.add_argument("--eval", action="append", default=[], metavar="FILE",
+                   help="an evaluation summary (nanoseek eval --out) to add to the table; repeatable")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import shlex
+
+    from nanoseek.report import write_report
+
+    try:
+        mfu = float(args.mfu)
+    except ValueError:
+        raise UsageError(f"--mfu {args.mfu!r} is not a number; give a fraction, e.g. 0.4") from None
+    words = list(args.runs) + (["--out", args.out] if args.out else []) + ["--project-to", args.project_to,
+                                                                            "--mfu", args.mfu]
+    command = "nanoseek report " + shlex.join(words + [w for f in args.eval for w in ("--eval", f)])
+    path = write_report(args.runs, args.out, project_to=args.project_to, projection_mfu=mfu,
+                        eval_files=args.eval, command=command)
+    print(f"wrote {path} and its plots")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- convert
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="rewrite a checkpoint: to DeepSeek's FP8 format (--fp8) or plain bf16/fp32",
+                       description="Rewrite a deepseek_v3 checkpoint. With --fp8: every linear except the embedding, "
+                                   "lm_head and router as float8_e4m3fn + weight_scale_inv (128x128 blocks) and "
+                                   "quantization_config in config.json, as DeepSeek ships V3/R1. Without: plain "
+                                   "--dtype weights (an FP8 checkpoint is dequantised). Tokenizer files are copied.")
+    p.add_argument("src", metavar="SRC", help="a model directory (Hugging Face layout) or a run directory")
+    p.add_argument("dst", metavar="DST", help="the new model directory (written atomically)")
+    p.add_argument("--fp8", action="store_true", help="write FP8 weights in the official format")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="dtype of the non-FP8 tensors (all tensors without --fp8); default bf16")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from nanoseek.fp8_infer import convert_checkpoint
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    out = convert_checkpoint(args.src, args.dst, fp8=args.fp8, dtype=dtype)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out} ({'FP8 e4m3 + 128x128 scales' if args.fp8 else args.dtype}, {size / 2**20:.1f} MiB of weights)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- sft, grpo, distill, eval
+def _stage_train_config(args: argparse.Namespace, defaults: dict, epochs_decide: bool = False):
+    """TrainConfig for a stage that starts from an existing model (so --set takes training fields only). With
+    `epochs_decide`, no --steps/--tokens/--minutes is fine: the stage derives the steps from --epochs."""
+    limited = args.steps or args.tokens or args.minutes or any(
+        o.split("=", 1)[0] in ("steps", "tokens", "minutes") for o in args.overrides)
+    cfg, model_sets = _train_config(args, defaults if limited or not epochs_decide else {**defaults, "steps": 1})
+    if epochs_decide and not limited:
+        cfg.steps = None
+    if model_sets:
+        raise UsageError(f"--set {model_sets[0]}: only training fields can be set here (the model exists already)")
+    return cfg
+
+
+def _add_sft(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (loss on assistant tokens)",
+                       description="Fine-tune a model on a JSONL of OpenAI-format conversations ({\"messages\": "
+                                   "[...]}), loss on assistant tokens only, conversations packed whole into rows.")
+    p.add_argument("--init", required=True, metavar="MODEL", help="the model to start from (model or run directory)")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help="conversations: one {\"messages\": [...]} per line")
+    p.add_argument("--epochs", type=float, default=3.0,
+                   help="passes over the data when no --steps/--tokens/--minutes is given (default 3)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for val_loss (default 0.05)")
+    _add_training_flags(p)
+    p.set_defaults(func=_cmd_sft)
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from nanoseek.train.sft import TRAIN_DEFAULTS, sft
+
+    train_cfg = _stage_train_config(args, TRAIN_DEFAULTS, epochs_decide=True)
+    sft(args.init, args.data, args.run, train_cfg, resume=args.resume, epochs=args.epochs,
+        val_fraction=args.val_fraction, price_per_hour=args.price)
+    return 0
+
+
+def _add_grpo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("grpo", help="reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO)",
+                       description="GRPO from a model: G samples per prompt from the live policy, rewards from the "
+                                   "task verifier (or --reward module:function), group-relative advantages, the "
+                                   "clipped surrogate with optional k3 KL. Logs reward, accuracy, length, KL, clip "
+                                   "fraction, entropy, rollout vs update time, and held-out eval_accuracy.")
+    p.add_argument("--init", required=True, metavar="MODEL", help="the model to start from (model or run directory)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="task for prompts (train split) and rewards: arithmetic, countdown")
+    src.add_argument("--data", metavar="FILE.jsonl", help="prompts: rows {\"prompt\", \"answer\"?, ...}")
+    p.add_argument("--difficulty", help="task difficulty, or a mix like 3,4 (default: the task's)")
+    p.add_argument("--reward", metavar="MODULE:FUNCTION",
+                   help="reward callable (prompts, completions, **columns) -> list[float] (default: the verifier)")
+    p.add_argument("--format-weight", type=float, default=0.0,
+                   help="verifier reward for a well-formed completion (R1: 1.0, equal to accuracy; default 0)")
+    p.add_argument("--group-size", type=int, default=8, help="samples per prompt, G (default 8)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per rollout batch (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="completion length cap (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus mass (default 1.0)")
+    p.add_argument("--beta", type=float, default=0.0, help="k3 KL weight to the initial model; 0 keeps none (default)")
+    p.add_argument("--loss-type", default="dapo", help="grpo | dr_grpo | dapo | bnpo (default dapo, as TRL)")
+    p.add_argument("--epsilon", type=float, default=0.2, help="clip range, low side (default 0.2)")
+    p.add_argument("--epsilon-high", type=float, default=None, help="clip range, high side (DAPO: 0.28; default = epsilon)")
+    p.add_argument("--num-iterations", type=int, default=1, help="optimizer passes per rollout batch (default 1)")
+    p.add_argument("--scale-rewards", default=None,
+                   help="group | batch | none (default: none for dr_grpo, else group)")
+    p.add_argument("--dynamic-sampling", action="store_true",
+                   help="drop groups whose rewards are all equal and sample more prompts (DAPO)")
+    p.add_argument("--max-sampling-rounds", type=int, default=4, help="generation rounds per batch at most (default 4)")
+    p.add_argument("--overlong", default="none", help="truncated completions: none | mask | penalty (default none)")
+    p.add_argument("--overlong-buffer", type=int, default=None, help="penalty ramp length in tokens (default max/4)")
+    p.add_argument("--eval-num", type=int, default=64, help="held-out problems for eval_accuracy (0 = off; default 64)")
+    p.add_argument("--eval-difficulty", default=None, help="difficulty of the held-out problems (default --difficulty)")
+    p.add_argument("--max-batch", type=int, default=64, help="sequences the engine decodes together (default 64)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    _add_training_flags(p)
+    p.set_defaults(func=_cmd_grpo)
+
+
+def _cmd_grpo(args: argparse.Namespace) -> int:
+    from nanoseek.train.grpo import TRAIN_DEFAULTS, GRPOConfig, grpo
+
+    train_cfg = _stage_train_config(args, TRAIN_DEFAULTS)
+    cfg = GRPOConfig(task=args.task, data=args.data, difficulty=args.difficulty, reward=args.reward,
+                     format_weight=args.format_weight, group_size=args.group_size,
+                     prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, beta=args.beta, loss_type=args.loss_type,
+                     epsilon=args.epsilon, epsilon_high=args.epsilon_high, num_iterations=args.num_iterations,
+                     scale_rewards=args.scale_rewards, dynamic_sampling=args.dynamic_sampling,
+                     max_sampling_rounds=args.max_sampling_rounds, overlong=args.overlong,
+                     overlong_buffer=args.overlong_buffer, eval_num=args.eval_num,
+                     eval_difficulty=args.eval_difficulty, max_batch=args.max_batch, seed=args.seed or 0).validate()
+    grpo(args.init, args.run, cfg, train_cfg, resume=args.resume, device=args.device, price_per_hour=args.price)
+    return 0
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="distil a teacher's verified reasoning traces into a (smaller) student",
+                       description="Rejection sampling + SFT (R1 section 2.4): the teacher answers --num-prompts "
+                                   "train prompts --samples times, only verified-correct, well-formed answers are "
+                                   "kept (RUN/traces.jsonl), and the student is fine-tuned on them (RUN/student). "
+                                   "The student is --student-init (a smaller pretrained model), or a --student-preset "
+                                   "pretrained first for --student-pretrain-steps on the built-in corpus with the "
+                                   "teacher's tokenizer (a student from scratch learns nothing from a few hundred "
+                                   "traces).")
+    p.add_argument("--teacher", required=True, metavar="MODEL", help="the teacher (model or run directory)")
+    p.add_argument("--task", required=True, help="task for prompts and the verifier: arithmetic, countdown")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--student-init", metavar="MODEL", help="the student to fine-tune (any tokenizer: traces are text)")
+    who.add_argument("--student-preset", metavar="P", help="a preset (e.g. d4) to pretrain as the student first")
+    p.add_argument("--student-pretrain-steps", type=int, default=300, help="pretraining steps for --student-preset")
+    p.add_argument("--difficulty", help="task difficulty or a mix like 3,4 (default: the task's)")
+    p.add_argument("--samples", type=int, default=4, help="teacher samples per prompt, K (default 4)")
+    p.add_argument("--num-prompts", type=int, default=256, help="train prompts to answer (default 256)")
+    p.add_argument("--per-prompt", type=int, default=1, help="distinct correct traces kept per prompt (default 1)")
+    p.add_argument("--temperature", type=float, default=0.7, help="teacher sampling temperature (default 0.7)")
+    p.add_argument("--max-tokens", type=int, default=512, help="teacher completion cap (default 512)")
+    p.add_argument("--epochs", type=float, default=3.0, help="SFT passes over the traces (default 3)")
+    _add_training_flags(p)
+    p.set_defaults(func=_cmd_distill)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.train.sft import TRAIN_DEFAULTS, distill
+
+    if args.samples < 1 or args.num_prompts < 1:
+        raise UsageError("--samples and --num-prompts must be >= 1")
+    train_cfg = _stage_train_config(args, TRAIN_DEFAULTS, epochs_decide=True)
+    teacher = resolve_model_dir(args.teacher)
+    student = args.student_init
+    if args.student_preset:
+        from nanoseek.config import preset
+        from nanoseek.train.loop import TrainConfig
+        from nanoseek.train.pretrain import DataConfig, pretrain
+
+        base = Path(args.run) / "student_base"
+        if not (base / "model" / "config.json").exists():
+            pretrain(preset(args.student_preset), TrainConfig(steps=args.student_pretrain_steps, batch_size=16,
+                                                              seq_len=256, seed=args.seed or 1337),
+                     DataConfig(paths=["builtin"], tokenizer=str(teacher)), base)
+        student = base
+    distill(teacher, args.run, args.task, student, train_cfg, samples=args.samples, num_prompts=args.num_prompts,
+            difficulty=args.difficulty, temperature=args.temperature, max_tokens=args.max_tokens,
+            per_prompt=args.per_prompt, epochs=args.epochs, seed=args.seed or 0, price_per_hour=args.price)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="pass@1, pass@k and maj@k on a task's held-out set or a JSONL file",
+                       description="Evaluate a model on N held-out problems of a task (never seen in training) or "
+                                   "on a JSONL of {\"prompt\", \"answer\"} rows (exact match of the extracted "
+                                   "<answer>). With --samples K > 1: unbiased pass@k and majority-vote maj@k.")
+    p.add_argument("model", metavar="MODEL", help="a model directory (Hugging Face layout) or a run directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="a task's held-out split: arithmetic, countdown")
+    src.add_argument("--data", metavar="FILE.jsonl", help="rows {\"prompt\" (or \"messages\"), \"answer\"}")
+    p.add_argument("--num", type=int, default=100, help="held-out problems (default 100)")
+    p.add_argument("--difficulty", help="task difficulty or a mix like 3,4 (default: the task's)")
+    p.add_argument("--seed", type=int, default=0, help="which held-out set, and the sampling seed (default 0)")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem, n (default 1)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0 (greedy) for 1 sample, else 0.6")
+    p.add_argument("--thinking-budget", type=int, default=None, help="at most N thinking tokens, then </think>")
+    p.add_argument("--max-tokens", type=int, default=512, help="completion cap (default 512)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--out", help="write the JSON summary here (atomically)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from nanoseek.checkpoint import atomic_write_json
+    from nanoseek.evaluate import evaluate_rows, evaluate_task, read_eval_jsonl, short
+
+    common = dict(samples=args.samples, temperature=args.temperature, thinking_budget=args.thinking_budget,
+                  seed=args.seed, max_tokens=args.max_tokens, max_batch=args.max_batch, progress=True)
+    if args.task:
+        summary = evaluate_task(args.model, None, args.task, num=args.num, difficulty=args.difficulty, **common)
+    else:
+        summary = evaluate_rows(args.model, None, read_eval_jsonl(args.data), **common)
+    summary["model"] = str(args.model)
+    if args.out:
+        atomic_write_json(args.out, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "problems"}))
+    print(f"{args.task or args.data}: {short(summary)}" + (f" -> {args.out}" if args.out else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- serve (issue 6)
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page at /",
+                       description="Serve MODEL over /v1/chat/completions, /v1/completions and /v1/models (OpenAI "
+                                   "shapes, SSE streaming), with a chat page at /, /health and /metrics.")
+    p.add_argument("model", metavar="MODEL", help="a model directory (Hugging Face layout) or a run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ (default: none)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context)")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens (default: the context)")
+    p.add_argument("--price-input", type=float, default=0.28, help="USD per 1M prompt tokens, for usage.cost_usd "
+                   "(default 0.28, the DeepSeek API's price)")
+    p.add_argument("--price-output", type=float, default=0.42, help="USD per 1M completion tokens (default 0.42)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the directory's name)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weights dtype (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from nanoseek.checkpoint import resolve_model_dir
+    from nanoseek.infer.server import create_app
+
+    resolve_model_dir(args.model)  # a bad path fails here, in one line, before anything binds
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    app = create_app(args.model, api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue,
+                     max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                     max_tokens_limit=args.max_tokens_limit, price_input=args.price_input,
+                     price_output=args.price_output, model_name=args.model_name, device=device,
+                     dtype=getattr(torch, args.dtype) if args.dtype else None)
+    name = app.state.server.model_name
+    print(f"serving {name!r} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+_COMMANDS = [_add_demo, _add_cost, _add_tokenizer, _add_pretrain, _add_generate, _add_chat, _add_report, _add_convert]
+_COMMANDS += [_add_sft, _add_grpo, _add_distill, _add_eval]  # issue 5
+_COMMANDS += [_add_serve]  # issue 6
 
 
 def build_parser() -> argparse.ArgumentParser:
