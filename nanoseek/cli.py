@@ -757,7 +757,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = [_add_demo, _add_cost, _add_tokenizer, _add_pretrain, _add_generate, _add_chat, _add_report, _add_convert]
+# ---------------------------------------------------------------------------------------------- speedrun
+def _add_speedrun(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("speedrun", help="the whole recipe in one command: pretrain -> SFT -> GRPO -> eval -> report",
+                       description="Train a small reasoning model from nothing on the built-in tasks: tokenizer, "
+                                   "pretraining (MLA + MoE + MTP), SFT, GRPO, held-out evaluation after each stage, "
+                                   "and a report card with the cost. Re-running the same command resumes.")
+    p.add_argument("--minutes", type=float, help="wall-clock budget (default 30)")
+    p.add_argument("--budget-usd", type=float, help="a dollar budget, turned into time at --device's price")
+    p.add_argument("--device", help="device to price the run at (default: this machine's)")
+    p.add_argument("--price", type=float, help="dollars per device-hour (default: the catalogue's)")
+    p.add_argument("--preset", help="model preset (default: tiny on a CPU; 'smoke' checks the pipeline in minutes)")
+    p.add_argument("--task", default="arithmetic", help="the verifiable task to reason about (arithmetic, countdown)")
+    p.add_argument("--run", default="runs/speedrun", help="output directory (default runs/speedrun)")
+    p.set_defaults(func=_cmd_speedrun)
+
+
+def _cmd_speedrun(args: argparse.Namespace) -> int:
+    from nanoseek.speedrun import make_plan, run_speedrun
+
+    if args.minutes is not None and args.budget_usd is not None:
+        raise UsageError("give --minutes or --budget-usd, not both")
+    plan = make_plan(args.minutes, args.budget_usd, args.device, args.preset, args.task, args.price)
+    run_speedrun(plan, args.run)
+    return 0
+
+
+_COMMANDS = [_add_speedrun, _add_demo, _add_cost, _add_tokenizer, _add_pretrain, _add_generate, _add_chat, _add_report, _add_convert]
 _COMMANDS += [_add_sft, _add_grpo, _add_distill, _add_eval]  # issue 5
 _COMMANDS += [_add_serve]  # issue 6
 

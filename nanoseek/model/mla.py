@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear, bf16_as_fp32, emulate_bf16
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope
 
@@ -46,15 +47,15 @@ class MultiHeadLatentAttention(nn.Module):
         qk_dim, bias = config.qk_head_dim, config.attention_bias
 
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * qk_dim, bias=False)
+            self.q_proj = Linear(config.hidden_size, self.num_heads * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(config.hidden_size, config.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank)  # eps 1e-6 regardless of config, as HF does
-            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, config.kv_lora_rank + self.rope, bias=bias)
+            self.q_b_proj = Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(config.hidden_size, config.kv_lora_rank + self.rope, bias=bias)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(config.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
+        self.kv_b_proj = Linear(config.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
 
     # ------------------------------------------------------------------------------------ projections
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +88,22 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = self.kv_b_proj(c_kv).view(B, T, H, self.nope + self.v_dim).split([self.nope, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None].expand(B, T, H, self.rope)), dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if emulate_bf16(q):
+            # No native bf16 on this CPU: attend over the bf16-rounded q, k, v in float32 (see linear.py).
+            with torch.autocast("cpu", enabled=False):
+                out = self._sdpa(bf16_as_fp32(q), bf16_as_fp32(k), bf16_as_fp32(v)).to(torch.bfloat16)
+        else:
+            out = self._sdpa(q, k, v)
         return out.transpose(1, 2).reshape(B, T, H * self.v_dim)
+
+    def _sdpa(self, q, k, v) -> torch.Tensor:
+        pad = q.shape[-1] - v.shape[-1]
+        if q.device.type == "cpu" and pad > 0:
+            # torch's fused CPU attention needs one head dim for q, k and v, else it drops to the slow unfused
+            # math path (2-5x slower here). Zero columns in V only add zero output columns: slice them off.
+            return F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True, scale=self.scale)[..., :-pad]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Attention over cached latents: MQA with key dim C + R and value dim C, one shared K/V 'head'."""

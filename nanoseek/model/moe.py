@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear, bf16_as_fp32, emulate_bf16, linear
 
 
 class MLP(nn.Module):
@@ -26,9 +27,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -45,7 +46,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, k] fp32, expert ids [N, k], scores [N, E], logits [N, E])."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float())  # autocast still rounds to bf16, as transformers does
         scores = logits.sigmoid()
         biased = scores + self.e_score_correction_bias
         if self.n_group > 1 and self.topk_group < self.n_group:
@@ -70,6 +71,10 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert (counts[e] rows for expert e) times weight[e]^T: one GEMM for all experts."""
+    if emulate_bf16(x):
+        # No native bf16 GEMM on this CPU: the same bf16-rounded product via float32 kernels (see linear.py).
+        with torch.autocast("cpu", enabled=False):
+            return grouped_linear(bf16_as_fp32(x), bf16_as_fp32(weight), counts, offsets).to(torch.bfloat16)
     dtype = _matmul_dtype(x)
     x, w = x.to(dtype), weight.to(dtype)
     if grouped_mm_supported(x, w):
@@ -94,6 +99,10 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class RoutedExperts(nn.Module):
+    # Set by nanoseek.train.distributed.apply_expert_parallel: this rank then holds E / ep of the experts (the
+    # fused tensors become DTensors sharded on dim 0) and tokens travel to their experts with all_to_all.
+    ep_group: dist.ProcessGroup | None = None
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
@@ -105,12 +114,61 @@ class RoutedExperts(nn.Module):
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
         token = order // k
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
-        offsets = counts.cumsum(0).to(torch.int32)
-        gate, up = grouped_linear(x[token], self.gate_up_proj, counts, offsets).chunk(2, dim=-1)
-        out = grouped_linear((F.silu(gate) * up).contiguous(), self.down_proj, counts, offsets)
+        if self.ep_group is not None:
+            out = self._expert_parallel(x[token], flat, order)
+        else:
+            out = self._mlp(x[token], torch.bincount(flat, minlength=self.gate_up_proj.shape[0]),
+                            self.gate_up_proj, self.down_proj)
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out).to(x.dtype)
+
+    @staticmethod
+    def _mlp(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of every expert over rows sorted by expert (counts[e] rows for expert e)."""
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_linear(x, gate_up, counts, offsets).chunk(2, dim=-1)
+        return grouped_linear((F.silu(gate) * up).contiguous(), down, counts, offsets)
+
+    def _expert_parallel(self, rows: torch.Tensor, flat: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """rows sorted by global expert id -> their expert outputs, in the same order, computed where the experts
+        live. Experts are owned in contiguous blocks (rank j: [j n, (j+1) n)), so sorted by expert is also
+        sorted by destination rank: exchange counts, then rows; regroup the rows we got expert-major for the
+        grouped GEMM; undo that and send the outputs back along the reverse exchange."""
+        group = self.ep_group
+        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        ep, n = dist.get_world_size(group), gate_up.shape[0]
+        send_counts = torch.bincount(flat, minlength=ep * n)  # rows for each global expert
+        recv_counts = torch.empty_like(send_counts)  # [source rank, my expert] rows coming to me
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        send_splits = send_counts.view(ep, n).sum(1).tolist()
+        recv_splits = recv_counts.view(ep, n).sum(1).tolist()
+        received = _AllToAll.apply(rows, recv_splits, send_splits, group)  # by source rank, then expert
+        expert = torch.arange(n, device=rows.device).repeat(ep).repeat_interleave(recv_counts)
+        perm = expert.argsort(stable=True)
+        out = self._mlp(received[perm], recv_counts.view(ep, n).sum(0), gate_up, down)
+        out = out[perm.argsort()]  # back to source-rank order
+        return _AllToAll.apply(out, send_splits, recv_splits, group)
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor parameter (its experts); a plain tensor as is. Differentiable."""
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
+class _AllToAll(torch.autograd.Function):
+    """`all_to_all_single` with uneven splits along dim 0; the gradient goes back along the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
 
 
 class MoE(nn.Module):

@@ -14,6 +14,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import DecoderLayer
+from nanoseek.model.linear import Linear
 from nanoseek.model.mla import LatentCacheView
 from nanoseek.model.norm import RMSNorm
 
@@ -31,7 +32,7 @@ class MTPModule(DecoderLayer):
         super().__init__(config, layer_idx, moe=config.n_routed_experts > 0)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
     def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -12,6 +12,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import DecoderLayer
+from nanoseek.model.linear import Linear
 from nanoseek.model.mla import LatentCacheView
 from nanoseek.model.moe import MoE, RoutedExperts, Router
 from nanoseek.model.mtp import MTPModule
@@ -39,7 +40,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config.validate()
         self.model = DeepseekV3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------ structure

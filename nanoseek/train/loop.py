@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from nanoseek.checkpoint import atomic_directory, atomic_write_json, atomic_write_text
+from nanoseek.checkpoint import atomic_write_json, atomic_write_text
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
+from nanoseek.train.distributed import (all_reduce_max, all_reduce_mean, clip_grad_norm_, gather_objects,
+                                        load_sharded, save_sharded, shared_atomic_directory)
 
 # (loss, metrics, tokens) for one micro-batch; metrics are floats or 0-dim tensors
 LossFn = Callable[[DeepseekV3ForCausalLM, Any], tuple[torch.Tensor, dict[str, Any], int]]
@@ -260,7 +261,10 @@ class Trainer:
             tokens += n
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if self.world > 1:  # log the mean over ranks (= one process's numbers for the same global batch)
+            totals = all_reduce_mean(totals)
+            finite = finite and math.isfinite(totals["loss"])
+        grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)  # global norm, also over shards
         finite = finite and bool(torch.isfinite(grad_norm))
         if finite:
             self.optimizer.step()
@@ -300,7 +304,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 metrics = self.train_step()
                 dt = time.perf_counter() - t0
-                self.elapsed += dt
+                self.elapsed = all_reduce_max(self.elapsed + dt)  # ranks agree on time budgets
                 metrics["step_seconds"] = dt
                 metrics["tokens_per_second"] = metrics["step_tokens"] / dt
                 metrics["mfu"] = self._mfu(metrics["tokens_per_second"])
@@ -391,42 +395,35 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
-        """model + optimizer + position + data position + RNG, atomically; keeps the newest `keep_checkpoints`."""
-        if self.rank != 0:
-            return None
+        """model + optimizer (a torch.distributed.checkpoint directory: every rank writes its shards) + position,
+        data position and RNG (state.json, written last by rank 0), atomically; keeps the newest
+        `keep_checkpoints`. Every rank calls this."""
         path = self.run_dir / "checkpoints" / f"step_{self.step}"
-        with atomic_directory(path) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            data_state = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
-            atomic_write_json(tmp / "state.json", {
-                "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "stage": self.stage,
-                "data": data_state, "rng": _json_rng(rng_state()), "last_metrics": _jsonable(self.last_metrics),
-            })
-        for old in checkpoint_dirs(self.run_dir)[: -self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        rngs = gather_objects(_json_rng(rng_state()))
+        with shared_atomic_directory(path) as tmp:
+            save_sharded(tmp, self.model, self.optimizer)
+            if self.rank == 0:
+                data_state = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+                atomic_write_json(tmp / "state.json", {
+                    "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "stage": self.stage,
+                    "data": data_state, "rng": rngs[0], "rng_per_rank": rngs,
+                    "world_size": self.world, "last_metrics": _jsonable(self.last_metrics),
+                })
+        if self.rank == 0:
+            for old in checkpoint_dirs(self.run_dir)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
         return path
 
     def load_checkpoint(self, path: Path) -> None:
+        """Any world size's checkpoint: DCP reshards the model and optimizer onto this run's ranks."""
         state = json.loads((path / "state.json").read_text())
-        weights = load_file(str(path / "model.safetensors"))
-        missing = set(self.model.state_dict()) - set(weights)
-        if missing:
-            raise ValueError(f"checkpoint {path} does not match this model (no tensor {sorted(missing)[0]}); "
-                             f"it belongs to a run with another config")
-        for name, ref in self.model.state_dict().items():
-            if weights[name].shape != ref.shape:
-                raise ValueError(f"checkpoint tensor {name} has shape {list(weights[name].shape)} but this run's "
-                                 f"model needs {list(ref.shape)}; resume with the run's own config")
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True,
-                                                  map_location=self.device))
+        load_sharded(path, self.model, self.optimizer)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.last_metrics = state.get("last_metrics") or {}
         if state.get("data") is not None and hasattr(self.batches, "load_state_dict"):
             self.batches.load_state_dict(state["data"])
-        set_rng_state(_rng_from_json(state["rng"]))
+        same_world = state.get("world_size", 1) == self.world and "rng_per_rank" in state
+        set_rng_state(_rng_from_json(state["rng_per_rank"][self.rank] if same_world else state["rng"]))
 
     def resume_latest(self) -> bool:
         found = checkpoint_dirs(self.run_dir)

@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.checkpoint import save_model
 from nanoseek.config import ModelConfig
-from nanoseek.data.shards import PackedLoader, ShardInfo, TokenizerEncoder, build_shards, check_vocab, iter_eval_batches
+from nanoseek.data.shards import (PackedLoader, ShardInfo, TokenizerEncoder, build_shards, check_vocab,
+                                  iter_eval_batches, load_shards)
 from nanoseek.data.sources import describe_sources, read_documents
+from nanoseek.fp8 import convert_to_fp8_training, memory_report
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train import distributed as D
 from nanoseek.train.loop import Trainer, TrainConfig, resolve_precision
 from nanoseek.train.run import prepare_run
 
@@ -101,52 +103,74 @@ def prepare_shards(data: DataConfig, run_dir: Path, tokenizer: Tokenizer, model_
 
 def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataConfig, run_dir: str | Path,
              resume: bool = False, device: str | None = None, price_per_hour: float | None = None,
-             quiet: bool = False) -> dict[str, Any]:
-    """Run (or resume) a pretraining run in `run_dir`; returns a summary dict (also in receipt.json)."""
+             quiet: bool = False, ep_size: int = 1) -> dict[str, Any]:
+    """Run (or resume) a pretraining run in `run_dir`; returns a summary dict (also in receipt.json).
+
+    Under torchrun every rank calls this: rank 0 prepares the run directory, tokenizer and shards while the
+    others wait; each rank trains on its part of every global batch (`batch_size` sequences per rank)."""
     from nanoseek import cost  # a leaf: FLOPs per token, device peak and price for the receipt
 
     run_dir = Path(run_dir)
     train_cfg.validate()
-    config = {"stage": "pretrain", "model": model_cfg.to_hf_dict(), "train": train_cfg.to_dict(),
-              "data": data.__dict__}
-    has_state = prepare_run(run_dir, config, resume)
-    say = (lambda *a: None) if quiet else print
+    device = str(D.init_distributed(device))  # no-op without torchrun
+    rank, world = D.get_rank(), D.get_world_size()
+    # config.json records the global batch (per rank x ranks), so a run may resume on another number of ranks
+    config = {"stage": "pretrain", "model": model_cfg.to_hf_dict(),
+              "train": {**train_cfg.to_dict(), "batch_size": train_cfg.batch_size * world}, "data": data.__dict__}
+    say = (lambda *a: None) if quiet or rank else print
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = prepare_tokenizer(data, run_dir, model_cfg.vocab_size)
-    info = prepare_shards(data, run_dir, tokenizer, model_cfg.vocab_size)
+    def prepare() -> bool:
+        has_state = prepare_run(run_dir, config, resume)
+        prepare_shards(data, run_dir, prepare_tokenizer(data, run_dir, model_cfg.vocab_size), model_cfg.vocab_size)
+        return has_state
+
+    has_state = D.run_on_main(prepare)  # the other ranks wait, then read what rank 0 wrote
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    info = load_shards(run_dir / "data")
     say(f"data: {info.split('train').tokens:,} train / {info.split('val').tokens:,} held-out tokens "
         f"(vocab {tokenizer.vocab_size}); unigram entropy {unigram_entropy(info):.3f} nats/token")
 
     torch.manual_seed(train_cfg.seed)
     model = DeepseekV3ForCausalLM(model_cfg).to(device)
+    if resolve_precision(train_cfg.precision, torch.device(device)) == "fp8":
+        convert_to_fp8_training(model)  # FP8 GEMMs in every linear but the head, and in the routed experts
     if train_cfg.compile:
         for layer in model.model.layers:
             layer.compile()
-    loader = PackedLoader(info, "train", train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed)
-    val = [(x.to(device), y.to(device)) for x, y in
-           iter_eval_batches(info, train_cfg.batch_size, train_cfg.seq_len, max_batches=train_cfg.eval_batches)]
-    device_key = cost.detect_device()
     precision = resolve_precision(train_cfg.precision, torch.device(device))
+    D.parallelize(model, ep_size=ep_size, precision=precision)  # FSDP2 (+ expert parallel) under torchrun
+    loader = PackedLoader(info, "train", train_cfg.batch_size, train_cfg.seq_len, seed=train_cfg.seed,
+                          rank=rank, world_size=world)
+    val = [(x.to(device), y.to(device)) for x, y in
+           iter_eval_batches(info, train_cfg.batch_size, train_cfg.seq_len, max_batches=train_cfg.eval_batches,
+                             rank=rank, world_size=world)]
+    device_key = cost.detect_device()
     dev = cost.get_device(device_key)
+    # FP8 emulated where the device has no FP8 units multiplies in fp32: MFU and the receipt use that peak
+    matmul_precision = "fp32" if precision == "fp8" and not dev.fp8_tflops else precision
     trainer = Trainer(model, train_cfg, run_dir, loader, lm_loss, stage="pretrain",
-                      eval_fn=lambda m: held_out_loss(val, m),
+                      eval_fn=lambda m: D.all_reduce_mean(held_out_loss(val, m)),
                       flops_per_token=cost.flops_per_token(model_cfg, train_cfg.seq_len),
-                      device_name=device_key, peak_flops=dev.peak_flops(precision))
+                      device_name=device_key, peak_flops=dev.peak_flops(matmul_precision))
     if has_state:
         trainer.resume_latest()
         say(f"resumed {run_dir} at step {trainer.step} ({trainer.tokens:,} tokens)")
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {n_params / 1e6:.2f}M parameters; training on {device} ({dev.name})")
+    say(f"model: {n_params / 1e6:.2f}M parameters; training on {device} ({dev.name})"
+        + (f" x {world} ranks (FSDP2, expert parallel {ep_size})" if world > 1 else ""))
+    if world == 1 and not quiet:  # one probe forward per precision: weights/grads/AdamW/activations per parameter
+        say(memory_report(model, train_cfg.batch_size * train_cfg.seq_len))
 
     t0 = time.perf_counter()
     final = trainer.fit()
-    save_model(model, run_dir / "model", tokenizer=tokenizer)
+    D.export_model(model, run_dir / "model", tokenizer=tokenizer)  # gathered from the shards; rank 0 writes
     receipt = cost.make_receipt(
         "pretrain", device_key, trainer.elapsed, trainer.tokens, trainer.tokens * trainer.flops_per_token,
-        precision=precision, price_per_hour=price_per_hour, steps=trainer.step, params=n_params,
+        precision=matmul_precision, price_per_hour=price_per_hour, steps=trainer.step, params=n_params,
+        num_devices=world,
         val_loss=final.get("val_loss"), unigram_entropy=unigram_entropy(info))
-    cost.write_receipt(receipt, run_dir / "receipt.json")
+    if rank == 0:
+        cost.write_receipt(receipt, run_dir / "receipt.json")
     summary = {"run": str(run_dir), "steps": trainer.step, "tokens": trainer.tokens, "loss": final.get("loss"),
                "val_loss": final.get("val_loss"), "wall_seconds": time.perf_counter() - t0, **receipt.to_dict()}
     say(f"done: {trainer.step} steps, {trainer.tokens:,} tokens, held-out loss {final.get('val_loss', math.nan):.4f}, "

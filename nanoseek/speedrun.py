@@ -1,0 +1,256 @@
+"""`nanoseek speedrun`: the whole recipe in one command, sized by a budget, with a receipt.
+
+    tokenizer -> pretrain (MLA + MoE + MTP, built-in corpus) -> eval -> SFT -> eval -> GRPO -> eval -> report
+
+Each stage is a run directory under the speedrun's root (`pretrain/`, `sft/`, `grpo/`) with its own receipt and
+`eval.json`. Re-running the same command resumes: finished stages are skipped, an interrupted one continues from
+its last checkpoint. Time is planned against a deadline, not per stage: after each stage the time left is
+shared out again, so a slow stage is paid for by the later ones and the whole run lands on its budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nanoseek import cost
+from nanoseek.atomic import atomic_write_json, atomic_write_text
+
+# Shares of the training time left (evaluation and data preparation are paid for out of the same clock).
+STAGE_SHARES = {"pretrain": 0.60, "sft": 0.10, "grpo": 0.30}
+EVAL_TASK = "arithmetic"
+
+
+@dataclass
+class Plan:
+    preset: str
+    minutes: float
+    task: str = EVAL_TASK
+    difficulty: int | None = None  # None: probed after pretraining (the edge of competence)
+    eval_num: int = 100
+    probe_num: int = 24
+    probe_difficulties: tuple[int, ...] = (1, 2, 3, 4, 5)
+    max_new_tokens: int = 320
+    device: str = "cpu"
+    price_per_hour: float | None = None
+    smoke: bool = False  # fixed tiny step counts instead of minutes: the pipeline check CI runs
+
+    @property
+    def stage_steps(self) -> dict[str, int] | None:
+        return {"pretrain": 30, "sft": 6, "grpo": 2} if self.smoke else None
+
+
+def make_plan(minutes: float | None = None, budget_usd: float | None = None, device: str | None = None,
+              preset: str | None = None, task: str = EVAL_TASK, price_per_hour: float | None = None) -> Plan:
+    """Turn a time or money budget into a plan: which model, how many minutes."""
+    device_key = device or cost.detect_device()
+    dev = cost.get_device(device_key)
+    price = dev.price_per_hour if price_per_hour is None else price_per_hour
+    if budget_usd is not None:
+        if budget_usd <= 0:
+            raise ValueError(f"--budget-usd must be positive, got {budget_usd}")
+        if price <= 0:
+            raise ValueError(f"{dev.name} has no price per hour, so a dollar budget cannot become time; "
+                             f"pass --minutes instead, or --price")
+        minutes = 60.0 * budget_usd / price
+    minutes = 30.0 if minutes is None else minutes
+    if minutes <= 0:
+        raise ValueError(f"--minutes must be positive, got {minutes}")
+    if preset is None:
+        # The CPU gets the tiny model; a GPU gets a model it can fill in the time (about 20 tokens per parameter).
+        preset = "tiny" if device_key == "cpu" else "d12" if minutes <= 120 else "d16"
+    smoke = preset == "smoke"
+    plan = Plan(preset=preset, minutes=minutes, task=task, device=device_key, price_per_hour=price, smoke=smoke)
+    if smoke:
+        plan = dataclasses.replace(plan, eval_num=8, probe_num=4, probe_difficulties=(1, 2), max_new_tokens=48)
+    return plan
+
+
+class Clock:
+    """The speedrun's deadline, carried across resumes in `plan.json` as minutes already spent."""
+
+    def __init__(self, budget_minutes: float, spent_minutes: float = 0.0):
+        self.budget, self.spent_before, self.start = budget_minutes, spent_minutes, time.monotonic()
+
+    def spent(self) -> float:
+        return self.spent_before + (time.monotonic() - self.start) / 60.0
+
+    def left(self) -> float:
+        return max(0.0, self.budget - self.spent())
+
+    def share(self, stage: str, remaining_stages: list[str], reserve: float) -> float:
+        """Minutes of training for `stage`: its share of what is left after `reserve` (evals, report)."""
+        total = sum(STAGE_SHARES[s] for s in remaining_stages)
+        return max(0.25, (self.left() - reserve) * STAGE_SHARES[stage] / total)
+
+
+# ============================================================================ stages
+def _done(stage_dir: Path) -> bool:
+    return (stage_dir / "receipt.json").exists() and (stage_dir / "eval.json").exists()
+
+
+def _eval(stage_dir: Path, plan: Plan, difficulty, say) -> dict[str, Any]:
+    from nanoseek.evaluate import evaluate_task
+    from nanoseek.tokenizer import Tokenizer
+
+    path = stage_dir / "eval.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tokenizer = Tokenizer.load(stage_dir / "model")
+    result = evaluate_task(stage_dir / "model", tokenizer, plan.task, num=plan.eval_num, difficulty=difficulty,
+                           max_tokens=plan.max_new_tokens, progress=True)
+    result["stage"] = stage_dir.name
+    atomic_write_json(path, result)
+    say(f"{stage_dir.name}: held-out {plan.task} (difficulty {difficulty}) pass@1 = {result['pass@1']:.3f}")
+    return result
+
+
+def _probe(model_dir: Path, plan: Plan, path: Path, say) -> int:
+    """The edge of competence: the hardest difficulty whose greedy pass@1 is still >= 0.1 (else the easiest)."""
+    from nanoseek.evaluate import evaluate_task
+    from nanoseek.tokenizer import Tokenizer
+
+    if path.exists():
+        probe = json.loads(path.read_text())
+    else:
+        tokenizer = Tokenizer.load(model_dir)
+        probe = {str(d): evaluate_task(model_dir, tokenizer, plan.task, num=plan.probe_num, difficulty=d,
+                                       max_tokens=plan.max_new_tokens)["pass@1"] for d in plan.probe_difficulties}
+        atomic_write_json(path, probe)
+    say("edge probe, greedy pass@1 by difficulty: " + ", ".join(f"{d}: {a:.2f}" for d, a in probe.items()))
+    capable = [int(d) for d, acc in probe.items() if acc >= 0.1]
+    return max(capable) if capable else min(int(d) for d in probe)
+
+
+def write_sft_data(path: Path, task_name: str, difficulty: int, num: int, seed: int = 0) -> Path:
+    """Chat-format SFT data: train-split problems around the chosen difficulty and their worked solutions."""
+    from nanoseek.data.tasks import get_task
+
+    if path.exists():
+        return path
+    task = get_task(task_name)
+    rng = random.Random(seed)
+    levels = [d for d in (difficulty - 1, difficulty, difficulty + 1) if d in task.DIFFICULTIES] or [difficulty]
+    rows = []
+    for i in range(num):
+        problem = task.sample("train", seed * 1_000_003 + i, rng.choice(levels))
+        rows.append({"messages": [{"role": "user", "content": task.prompt(problem)},
+                                  {"role": "assistant", "content": task.solution(problem)}]})
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_speedrun(plan: Plan, root: str | Path, quiet: bool = False) -> dict[str, Any]:
+    from nanoseek.config import preset as get_preset
+    from nanoseek.train.grpo import TRAIN_DEFAULTS as GRPO_DEFAULTS
+    from nanoseek.train.grpo import GRPOConfig, grpo
+    from nanoseek.train.loop import TrainConfig
+    from nanoseek.train.pretrain import DataConfig, pretrain
+    from nanoseek.train.sft import TRAIN_DEFAULTS as SFT_DEFAULTS
+    from nanoseek.train.sft import sft
+
+    root = Path(root)
+    say = (lambda *a: None) if quiet else (lambda *a: print("[speedrun]", *a, flush=True))
+    plan_path = root / "plan.json"
+    saved = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    if saved and saved["plan"]["preset"] != plan.preset:
+        raise ValueError(f"{root} holds a speedrun of preset {saved['plan']['preset']!r}; use that preset to "
+                         f"resume it or choose another --run")
+    clock = Clock(plan.minutes, saved["spent_minutes"] if saved else 0.0)
+    if saved:
+        plan = dataclasses.replace(plan, difficulty=saved["plan"].get("difficulty"))
+
+    def checkpoint_plan() -> None:
+        atomic_write_json(plan_path, {"plan": dataclasses.asdict(plan), "spent_minutes": clock.spent()})
+
+    checkpoint_plan()
+    say(f"plan: {plan.preset} on {plan.device}, {plan.minutes:.1f} minutes, task {plan.task}; writing to {root}")
+    steps = plan.stage_steps
+    reserve = 0.0 if plan.smoke else max(1.0, 0.12 * plan.minutes)  # evals, probe, report
+
+    def limits(stage: str, remaining: list[str]) -> dict[str, Any]:
+        if steps:
+            return {"steps": steps[stage]}
+        return {"minutes": clock.share(stage, remaining, reserve)}
+
+    # 1. pretrain
+    pre = root / "pretrain"
+    if not _done(pre):
+        train = TrainConfig(**{"batch_size": 8 if plan.smoke else 16, "seq_len": 128 if plan.smoke else 256,
+                               "eval_every": 10 if plan.smoke else 50, "checkpoint_every": 100,
+                               **limits("pretrain", ["pretrain", "sft", "grpo"])})
+        data = DataConfig(paths=["builtin:2000" if plan.smoke else "builtin"])
+        say(f"stage 1/3 pretrain: {train.steps or f'{train.minutes:.1f} min'}")
+        pretrain(get_preset(plan.preset), train, data, pre, resume=(pre / "config.json").exists(),
+                 price_per_hour=plan.price_per_hour, quiet=quiet)
+        checkpoint_plan()
+    if plan.difficulty is None:
+        plan = dataclasses.replace(plan, difficulty=_probe(pre / "model", plan, root / "probe.json", say))
+        checkpoint_plan()
+    evals = {"pretrain": _eval(pre, plan, plan.difficulty, say)}
+
+    # 2. SFT on worked solutions around the edge of competence
+    sft_dir = root / "sft"
+    if not _done(sft_dir):
+        data = write_sft_data(root / "sft_data.jsonl", plan.task, plan.difficulty, 400 if plan.smoke else 4000)
+        train = TrainConfig(**{**SFT_DEFAULTS, "batch_size": 8, "seq_len": 128 if plan.smoke else 512,
+                               **limits("sft", ["sft", "grpo"])})
+        say(f"stage 2/3 SFT: {train.steps or f'{train.minutes:.1f} min'}")
+        sft(pre / "model", data, sft_dir, train, resume=(sft_dir / "config.json").exists(),
+            price_per_hour=plan.price_per_hour, quiet=quiet)
+        checkpoint_plan()
+    evals["sft"] = _eval(sft_dir, plan, plan.difficulty, say)
+
+    # 3. GRPO (R1-Zero style) at the edge of competence
+    rl = root / "grpo"
+    if not _done(rl):
+        cfg = GRPOConfig(task=plan.task, difficulty=str(plan.difficulty), group_size=4 if plan.smoke else 8,
+                         prompts_per_step=2 if plan.smoke else 8, max_new_tokens=plan.max_new_tokens,
+                         dynamic_sampling=not plan.smoke, eval_num=8 if plan.smoke else 32)
+        train = TrainConfig(**{**GRPO_DEFAULTS, **limits("grpo", ["grpo"])})
+        say(f"stage 3/3 GRPO: {train.steps or f'{train.minutes:.1f} min'}")
+        grpo(sft_dir / "model", rl, cfg, train, resume=(rl / "config.json").exists(),
+             price_per_hour=plan.price_per_hour, quiet=quiet)
+        checkpoint_plan()
+    evals["grpo"] = _eval(rl, plan, plan.difficulty, say)
+    checkpoint_plan()
+    return finish(root, plan, evals, clock, say)
+
+
+def finish(root: Path, plan: Plan, evals: dict[str, dict], clock: Clock, say) -> dict[str, Any]:
+    """The report card and the speedrun's own receipt (all stages summed, and projected to one H100)."""
+    from nanoseek.report import write_report
+
+    stages = [root / s for s in ("pretrain", "sft", "grpo")]
+    receipts = [cost.read_receipt(s / "receipt.json") for s in stages]
+    rows = cost.summarize(receipts)
+    total = rows[-1]
+    summary = {
+        "preset": plan.preset, "task": plan.task, "difficulty": plan.difficulty, "budget_minutes": plan.minutes,
+        "wall_minutes": clock.spent(),
+        "accuracy": {name: e["pass@1"] for name, e in evals.items()},
+        "grpo_gain_points": 100 * (evals["grpo"]["pass@1"] - evals["sft"]["pass@1"]),
+        "stages": rows,
+        "device_hours": sum(r.device_hours for r in receipts),
+        "dollars": sum(r.dollars for r in receipts),
+        "price_per_hour": plan.price_per_hour,
+    }
+    atomic_write_json(root / "receipt.json", summary)
+    report = write_report(stages, out_dir=root, eval_files=[s / "eval.json" for s in stages],
+                          command=f"nanoseek speedrun --preset {plan.preset} --minutes {plan.minutes:g} --run {root}")
+    say("")
+    say(f"done in {summary['wall_minutes']:.1f} of {plan.minutes:g} minutes on {plan.device}")
+    for name, e in evals.items():
+        say(f"  held-out {plan.task} d{plan.difficulty} pass@1 after {name:8s} {100 * e['pass@1']:5.1f}%")
+    say(f"  cost: {summary['device_hours']:.3f} device-hours = ${summary['dollars']:.4f} at "
+        f"${plan.price_per_hour:.2f}/hour on {plan.device}; the same work on one H100 at 40% MFU: "
+        f"{total['projected_hours']:.5f} hours = ${total['projected_dollars']:.4f}")
+    say(f"  report card: {report}")
+    say(f"  talk to it:  nanoseek chat {root / 'grpo'}")
+    say(f"  serve it:    nanoseek serve {root / 'grpo'}   (OpenAI-compatible API and a chat page at http://127.0.0.1:8000)")
+    return summary
