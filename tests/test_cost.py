@@ -272,3 +272,13 @@ def test_config_file(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(preset("smoke").to_hf_dict()))
     assert main(["cost", "--config", str(tmp_path), "--tokens", "1M", "--device", "h100", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["flops_per_token"] == cost.flops_per_token(preset("smoke"), 256)
+
+
+def test_cpu_peak_remembers_the_best_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CACHE_DIR", str(tmp_path))
+    quiet = cost._best_ever_cpu_peak({"fp32": 100e9, "bf16": 2e9}, threads=2)
+    busy = cost._best_ever_cpu_peak({"fp32": 10e9, "bf16": 3e9}, threads=2)  # a loaded machine measures low
+    assert quiet == {"fp32": 100e9, "bf16": 2e9}
+    assert busy == {"fp32": 100e9, "bf16": 3e9}  # never lower than seen before, so MFU is never inflated
+    other = cost._best_ever_cpu_peak({"fp32": 5e9, "bf16": 1e9}, threads=1)  # another thread count: its own record
+    assert other == {"fp32": 5e9, "bf16": 1e9}
