@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup speedrun demo test test-slow bench clean
+.PHONY: setup browser speedrun demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ speedrun: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/nanoseek demo
 
-test: $(STAMP)
+# The chat page is tested in a real headless Chromium (Debian's package); installed here when we can.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: chromium is not installed, so the chat-page browser test will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 test-slow: $(STAMP)

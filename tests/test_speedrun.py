@@ -1,0 +1,73 @@
+"""`nanoseek speedrun --preset smoke`: every stage end to end, its outputs, resuming, bad budgets."""
+
+import json
+import time
+
+import pytest
+import torch
+from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
+
+from nanoseek.checkpoint import load_model
+from nanoseek.cli import main
+from nanoseek.speedrun import Clock, make_plan
+
+
+@pytest.fixture(scope="module")
+def speedrun(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speedrun") / "sr"
+    assert main(["speedrun", "--preset", "smoke", "--run", str(root)]) == 0
+    return root
+
+
+def test_smoke_speedrun_writes_report_receipt_and_a_transformers_model(speedrun):
+    receipt = json.loads((speedrun / "receipt.json").read_text())
+    assert set(receipt["accuracy"]) == {"pretrain", "sft", "grpo"}
+    assert receipt["device_hours"] > 0 and receipt["stages"][-1]["stage"] == "Total"
+    assert receipt["stages"][-1]["projected_hours"] > 0  # the same work on one H100
+    report = (speedrun / "report.md").read_text()
+    assert "Total" in report and "H100" in report and "pass@1" in report
+    for stage in ("pretrain", "sft", "grpo"):
+        assert (speedrun / stage / "receipt.json").exists() and (speedrun / stage / "eval.json").exists()
+    hf = HFDeepseekV3.from_pretrained(speedrun / "grpo" / "model", dtype=torch.float32).eval()
+    ours = load_model(speedrun / "grpo" / "model")
+    ids = torch.randint(0, ours.config.vocab_size, (1, 24))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
+
+
+def test_rerunning_skips_finished_stages(speedrun, capsys):
+    before = {s: (speedrun / s / "receipt.json").read_text() for s in ("pretrain", "sft", "grpo")}
+    t0 = time.perf_counter()
+    assert main(["speedrun", "--preset", "smoke", "--run", str(speedrun)]) == 0
+    assert time.perf_counter() - t0 < 60  # nothing is retrained
+    assert {s: (speedrun / s / "receipt.json").read_text() for s in before} == before
+    assert "stage 1/3" not in capsys.readouterr().out
+
+
+def test_another_preset_cannot_resume_this_speedrun(speedrun, capsys):
+    assert main(["speedrun", "--preset", "tiny", "--run", str(speedrun)]) == 2
+    assert "holds a speedrun of preset 'smoke'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--minutes", "-1"], "--minutes must be positive"),
+    (["--minutes", "5", "--budget-usd", "1"], "not both"),
+    (["--budget-usd", "0"], "--budget-usd must be positive"),
+    (["--budget-usd", "1", "--device", "cpu"], "no price per hour"),
+    (["--device", "tpu9"], "unknown device"),
+])
+def test_bad_budgets_are_one_clear_line(tmp_path, capsys, args, message):
+    assert main(["speedrun", *args, "--run", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_budget_plans():
+    plan = make_plan(budget_usd=6.0, device="h100")  # $6 at $3/hour = 2 hours
+    assert plan.minutes == pytest.approx(120.0) and plan.preset == "d12"
+    assert make_plan(minutes=30, device="cpu").preset == "tiny"
+    clock = Clock(30.0, spent_minutes=10.0)
+    assert clock.left() == pytest.approx(20.0, abs=0.01)
+    # what is left after the reserve is shared by the remaining stages' weights
+    assert clock.share("sft", ["sft", "grpo"], reserve=4.0) == pytest.approx(16.0 * 0.10 / 0.40, abs=0.01)
