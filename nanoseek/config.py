@@ -228,6 +228,8 @@ def depth(d: int, vocab_size: int = 2048) -> ModelConfig:
 
     Aspect ratio 64 (hidden = 64 * depth), head dims 32/16/32 for nope/rope/v, 8 routed experts (top-2, one
     shared) up to depth 8 and then 16/32/64 with group-limited routing, one dense layer first, one MTP module.
+    The balancing bias moves 10x faster than DeepSeek-V3's 0.001: these runs last hundreds of steps, not
+    hundreds of thousands (measured on `tiny`, 136 steps: max/mean expert load 1.25 at 0.01, 3.55 with none).
     """
     if d < 1:
         raise ValueError(f"depth must be >= 1, got {d}")
@@ -258,6 +260,7 @@ def depth(d: int, vocab_size: int = 2048) -> ModelConfig:
         max_position_embeddings=1024,
         initializer_range=0.02,
         num_nextn_predict_layers=1,
+        bias_update_speed=0.01,
     ).validate()
 
 

@@ -310,7 +310,11 @@ class Trainer:
                 metrics["mfu"] = self._mfu(metrics["tokens_per_second"])
                 metrics["elapsed"] = self.elapsed
                 if self.eval_fn and (self.step % self.cfg.eval_every == 0 or self.done()):
+                    t1 = time.perf_counter()
                     metrics.update(self.evaluate())
+                    # held-out evaluation is part of the run: it counts against --minutes budgets
+                    self.elapsed = all_reduce_max(self.elapsed + time.perf_counter() - t1)
+                    metrics["elapsed"] = self.elapsed
                 self.last_metrics = metrics
                 if is_main:
                     self._log(metrics)
