@@ -18,13 +18,13 @@ through the engine (continuous batching), so evaluation of n problems x k sample
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from nanoseek.data.sources import read_jsonl_rows
 from nanoseek.data.tasks import Problem, Task, extract_answer, get_task, is_well_formed
 from nanoseek.infer.engine import Engine
 
@@ -188,18 +188,9 @@ def evaluate_task(model_or_engine, tokenizer, task: Task | str, num: int = 100, 
 
 def read_eval_jsonl(path: str | Path) -> list[dict]:
     """Rows of {"prompt" (or "messages"), "answer"}; one clear error naming the line otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation file {path} does not exist")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path} line {n} is not valid JSON") from None
-        if not isinstance(row, dict) or "answer" not in row or not ("prompt" in row or "messages" in row):
+    for n, row in read_jsonl_rows(path, "evaluation file"):
+        if "answer" not in row or not ("prompt" in row or "messages" in row):
             raise ValueError(f"{path} line {n} needs a \"prompt\" (or \"messages\") and an \"answer\" field")
         if "prompt" not in row:
             row["prompt"] = row["messages"][-1]["content"]

@@ -15,3 +15,14 @@ os.environ.setdefault("NANOSEEK_CACHE_DIR", tempfile.mkdtemp(prefix="nanoseek-ca
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def smoke_model(tmp_path_factory):
+    """A run directory holding a smoke model pretrained for 3 steps, with its tokenizer; made once per session."""
+    from nanoseek.cli import main
+
+    run = tmp_path_factory.getbasetemp() / "smoke_pretrained"
+    assert main(["pretrain", "--preset", "smoke", "--data", "builtin:300", "--batch-size", "4", "--seq-len", "64",
+                 "--steps", "3", "--run", str(run)]) == 0
+    return run

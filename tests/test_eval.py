@@ -10,15 +10,6 @@ from nanoseek.evaluate import evaluate_rows, ks_for, majority_vote, pass_at_k, r
 from nanoseek.infer.engine import Engine, Output
 
 
-@pytest.fixture(scope="module")
-def smoke_model(tmp_path_factory):
-    run = tmp_path_factory.getbasetemp() / "issue5_smoke_pretrained"
-    if not (run / "model" / "config.json").exists():
-        assert main(["pretrain", "--preset", "smoke", "--data", "builtin:300", "--batch-size", "4", "--seq-len", "64",
-                     "--steps", "3", "--run", str(run)]) == 0
-    return run
-
-
 @pytest.mark.parametrize("n, c, k", [(1, 0, 1), (1, 1, 1), (4, 1, 1), (4, 1, 2), (5, 2, 3), (10, 3, 4), (8, 8, 8),
                                      (8, 0, 8), (6, 5, 2)])
 def test_pass_at_k_is_the_unbiased_estimator(n, c, k):

@@ -13,16 +13,6 @@ from nanoseek.train.grpo import (GRPOConfig, RolloutBatches, group_advantages, g
                                  overlong_penalty, select_groups)
 
 
-@pytest.fixture(scope="module")
-def smoke_model(tmp_path_factory):
-    """A smoke model pretrained 3 steps (shared by the issue-5 test files through the session's base temp)."""
-    run = tmp_path_factory.getbasetemp() / "issue5_smoke_pretrained"
-    if not (run / "model" / "config.json").exists():
-        assert main(["pretrain", "--preset", "smoke", "--data", "builtin:300", "--batch-size", "4", "--seq-len", "64",
-                     "--steps", "3", "--run", str(run)]) == 0
-    return run
-
-
 # ---------------------------------------------------------------------------------------------- the loss by hand
 # Two prompts x two completions, up to three tokens each. Row 3 has one token, row 1 two, rows 0 and 2 three.
 NEW = [[-1.0, -0.5, -2.0], [-0.2, -1.5, 0.0], [-0.7, -0.3, -1.1], [-2.5, 0.0, 0.0]]

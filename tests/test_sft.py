@@ -18,15 +18,6 @@ CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 @pytest.fixture(scope="module")
-def smoke_model(tmp_path_factory):
-    run = tmp_path_factory.getbasetemp() / "issue5_smoke_pretrained"
-    if not (run / "model" / "config.json").exists():
-        assert main(["pretrain", "--preset", "smoke", "--data", "builtin:300", "--batch-size", "4", "--seq-len", "64",
-                     "--steps", "3", "--run", str(run)]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
 def tok(smoke_model):
     return Tokenizer.load(smoke_model / "model")
 

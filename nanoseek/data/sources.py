@@ -164,7 +164,12 @@ def _read_text(path: Path) -> Iterator[str]:
         raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8.") from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def read_jsonl_rows(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file, with one clear error for a missing file,
+    bad JSON, a line that is not an object, or bytes that are not UTF-8. Callers check their own fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -174,20 +179,25 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line.") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                    raise ValueError(
-                        f"{path} line {lineno} has no {text_field!r} field (found: {keys or 'nothing'}); "
-                        f"pass the right text field name."
-                    )
-                text = record[text_field]
-                if text is None:
-                    continue
-                if not isinstance(text, str):
-                    raise ValueError(f"{path} line {lineno}: field {text_field!r} is a {type(text).__name__}, not a string.")
-                yield text
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path} line {lineno} is a JSON {type(record).__name__}, not an object.")
+                yield lineno, record
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8.") from None
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, record in read_jsonl_rows(path):
+        if text_field not in record:
+            keys = ", ".join(map(str, record))
+            raise ValueError(f"{path} line {lineno} has no {text_field!r} field (found: {keys or 'nothing'}); "
+                             f"pass the right text field name.")
+        text = record[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise ValueError(f"{path} line {lineno}: field {text_field!r} is a {type(text).__name__}, not a string.")
+        yield text
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.checkpoint import load_model, resolve_model_dir, save_model
+from nanoseek.data.sources import read_jsonl_rows
 from nanoseek.data.tasks import Problem, RewardConfig, extract_answer, get_task, is_well_formed
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
@@ -233,18 +234,9 @@ class PromptSource:
 
 
 def _read_prompt_rows(path: str) -> list[dict]:
-    f = Path(path)
-    if not f.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
     rows = []
-    for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path} line {n} is not valid JSON") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+    for n, row in read_jsonl_rows(path, "prompt file"):
+        if not isinstance(row.get("prompt"), str):
             raise ValueError(f"{path} line {n} needs a \"prompt\" string field")
         rows.append(row)
     if not rows:

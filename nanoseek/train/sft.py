@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from nanoseek.checkpoint import atomic_write_json, atomic_write_text, load_model, resolve_model_dir, save_model
+from nanoseek.data.sources import read_jsonl_rows
 from nanoseek.data.tasks import get_task, is_well_formed
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
@@ -37,18 +38,9 @@ TRAIN_DEFAULTS = {"lr": 3e-4, "warmup_steps": 10, "schedule": "cosine", "batch_s
 # ============================================================================ data
 def read_conversations(path: str | Path) -> list[list[dict]]:
     """The `messages` of every line; one clear error naming the first bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SFT data {path} does not exist")
     convs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path} line {n} is not valid JSON") from None
-        msgs = row.get("messages") if isinstance(row, dict) else None
+    for n, row in read_jsonl_rows(path, "SFT data"):
+        msgs = row.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
             raise ValueError(f"{path} line {n} needs a \"messages\" list of {{\"role\", \"content\"}} objects")
         if not any(m.get("role") == "assistant" for m in msgs):
