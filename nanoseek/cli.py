@@ -88,7 +88,7 @@ def _add_cost(sub: argparse._SubParsersAction) -> None:
 def _cmd_cost(args: argparse.Namespace) -> int:
     import json
 
-    from nanoseek import cost
+    from nanoseek import cost, cost_tables
     from nanoseek.config import ModelConfig, preset
 
     def show(data: object, text: str) -> int:
@@ -114,10 +114,10 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 
     if args.published:
         pub = cost.published()
-        return show(pub, cost.render_published(pub))
+        return show(pub, cost_tables.render_published(pub))
     if args.list_devices:
         devices = cost.load_devices(args.devices)
-        return show({k: vars(d) for k, d in devices.items()}, cost.render_devices(devices))
+        return show({k: vars(d) for k, d in devices.items()}, cost_tables.render_devices(devices))
     if args.serve is not None:
         dev = cost.get_device(args.device, args.devices)
         k = number("--num-devices", args.num_devices, integer=True)
@@ -142,7 +142,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         gpu_hours=number("--gpu-hours", args.gpu_hours),
         price_per_hour=price,
         precision=args.precision, include_mtp=not args.no_mtp, devices_file=args.devices)
-    return show({"model": args.preset or args.config, **est}, cost.render_estimate(est, args.preset or args.config))
+    return show({"model": args.preset or args.config, **est}, cost_tables.render_estimate(est, args.preset or args.config))
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

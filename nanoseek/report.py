@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek import cost
+from nanoseek import cost, cost_tables
 from nanoseek.atomic import atomic_write_bytes
 from nanoseek.config import ModelConfig
 
@@ -427,11 +427,11 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 
 
 def _hours_cell(h: float) -> str:
-    return cost._hours(h) if h >= 1 else f"{h:.2g}" if h >= 1e-3 else "0" if h == 0 else f"{h:.1e}"
+    return cost_tables.hours(h) if h >= 1 else f"{h:.2g}" if h >= 1e-3 else "0" if h == 0 else f"{h:.1e}"
 
 
 def _usd_cell(x: float) -> str:
-    return cost._usd(x) if x >= 0.01 else "$0" if x == 0 else f"${x:.1e}"
+    return cost_tables.usd(x) if x >= 0.01 else "$0" if x == 0 else f"${x:.1e}"
 
 
 def _pct(x: float | None) -> str:
@@ -459,11 +459,11 @@ def _model_line(stage: Stage) -> str:
         return f"unknown model (no readable `model` in {stage.run_dir / 'config.json'})"
     c = cost.param_counts(cfg)
     n = cfg.num_nextn_predict_layers
-    mtp = f" (+{cost._si(c['mtp'])} in {n} MTP module{'s' * (n > 1)})" if c["mtp"] else ""
+    mtp = f" (+{cost_tables.si(c['mtp'])} in {n} MTP module{'s' * (n > 1)})" if c["mtp"] else ""
     dense = cfg.num_hidden_layers - cfg.num_moe_layers
     moe = (f"{dense} dense + {cfg.num_moe_layers} MoE, each MoE with {cfg.n_routed_experts} routed experts "
            f"(top-{cfg.num_experts_per_tok}) and {cfg.n_shared_experts} shared" if cfg.num_moe_layers else "all dense")
-    return (f"{cost._si(c['main_total'])} parameters{mtp}, {cost._si(c['active'])} active per token; "
+    return (f"{cost_tables.si(c['main_total'])} parameters{mtp}, {cost_tables.si(c['active'])} active per token; "
             f"{cfg.num_hidden_layers} layers: {moe}; hidden {cfg.hidden_size}, {cfg.num_attention_heads} MLA heads "
             f"(KV latent {cfg.kv_lora_rank}), vocab {cfg.vocab_size:,}")
 
@@ -482,7 +482,7 @@ def cost_section(stages: list[Stage], project_to: str, mfu: float) -> list[str]:
             bold = (lambda x: f"**{x}**") if total else (lambda x: x)  # noqa: E731
             rows.append([bold("Total" if total else with_receipt[i].label), row["device"],
                          _duration(sum(walls) if total else walls[i]), bold(_hours_cell(row["device_hours"])),
-                         bold(_usd_cell(row["dollars"])), cost._si(row["tokens"]),
+                         bold(_usd_cell(row["dollars"])), cost_tables.si(row["tokens"]),
                          _pct(row["mfu"]),
                          bold(_hours_cell(row["projected_hours"])), bold(_usd_cell(row["projected_dollars"]))])
         out.append(_md_table(["stage", "device", "wall clock", "device-hours", "USD", "tokens", "MFU",
@@ -509,7 +509,7 @@ def training_section(stages: list[Stage]) -> list[str]:
         _, mtp = s.series("mtp_loss")
         _, tokens = s.series("tokens")
         steps = s.metrics[-1].get("step", len(s.metrics))
-        rows.append([s.label, f"{steps:,}", cost._si(tokens[-1]) if tokens else "-",
+        rows.append([s.label, f"{steps:,}", cost_tables.si(tokens[-1]) if tokens else "-",
                      _num(_window_mean(loss, False)), _num(_window_mean(loss, True)),
                      _num(val[-1] if val else None), _num(min(val) if val else None), _num(_window_mean(mtp, True))])
     out = ["## Training", "", _md_table(["stage", "steps", "tokens", "train loss (start)", "train loss (end)",

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from nanoseek import cost
+from nanoseek import cost, cost_tables
 from nanoseek.cli import main
 from nanoseek.report import read_eval, write_report
 
@@ -85,7 +85,7 @@ def test_report_from_real_pretraining_run(pretrain_run):
     assert header in md
     assert _row(md, "pretrain")[1] == "1 x " + receipt.device
     total = _row(md, "**Total**")
-    assert total[4] == "**" + ("$0" if receipt.dollars == 0 else cost._usd(receipt.dollars)) + "**"
+    assert total[4] == "**" + ("$0" if receipt.dollars == 0 else cost_tables.usd(receipt.dollars)) + "**"
     assert "**Model**" in md and "**Device**" in md and "## Training" in md and "## Evaluation" in md
     assert f"| pretrain | {receipt.extra['steps']} |" in md  # the training table: steps
     images = _check_images(md, pretrain_run)
@@ -105,7 +105,7 @@ def test_report_from_grpo_like_metrics(tmp_path):
     ev = _row(md, "grpo | arith")
     assert ev[3:] == ["200", "0.4100", "0.7700 (k=8)", "0.5500 (k=8)"]
     # a GPU run: real dollars at the receipt's price
-    assert _row(md, "grpo")[4] == cost._usd(600 / 3600 * 2.5)
+    assert _row(md, "grpo")[4] == cost_tables.usd(600 / 3600 * 2.5)
 
 
 def _smoke_hf():
@@ -128,7 +128,7 @@ def test_multiple_runs_sum_like_deepseeks_table(pretrain_run, tmp_path, capsys):
     rows = cost.summarize(receipts, "h100", 0.5)
     assert "H100-hours at 50% MFU" in md
     total = _row(md, "**Total**")
-    assert total[5] == cost._si(sum(r.tokens for r in receipts))
+    assert total[5] == cost_tables.si(sum(r.tokens for r in receipts))
     assert total[3] == "**" + _cell_hours(rows[-1]["device_hours"]) + "**"
     assert total[8] == "**" + _cell_usd(rows[-1]["projected_dollars"]) + "**"
     assert math.isclose(rows[-1]["projected_hours"], sum(r["projected_hours"] for r in rows[:-1]))
