@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -27,10 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanoseek.checkpoint import atomic_write_text, save_model  # noqa: E402
+from nanoseek.checkpoint import save_model  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.model.transformer import DeepseekV3ForCausalLM  # noqa: E402
+from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## Inference engine (issue 4)"
 
@@ -199,13 +199,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        path = Path(__file__).resolve().parent / "RESULTS.md"
-        old = path.read_text() if path.exists() else ""
-        old = old if old.strip() else "# Benchmark results\n"
-        pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-        new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text + "\n"
-        atomic_write_text(path, new)
-        print(f"wrote {path}")
+        write_section(SECTION, text)
+        print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from nanoseek.data.shards import iter_eval_batches, load_shards
 from nanoseek.fp8_infer import convert_checkpoint, load_fp8_model, weight_bytes
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import DataConfig, pretrain
+from results_md import write_section  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## FP8 (issue 7)"
 
@@ -49,13 +49,6 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     same = (a == b)
     prefix = same.int().cumprod(dim=1).sum(dim=1).float() / a.shape[1]
     return float(same.all(dim=1).float().mean()), float(prefix.mean())
-
-
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-    new = pattern.sub(lambda _: text.rstrip() + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text
-    path.write_text(new if new.endswith("\n") else new + "\n")
 
 
 def main() -> None:
@@ -130,7 +123,7 @@ FP8 weights for inference (the fp32 run's model; bf16 reference vs `nanoseek con
 tokens generated before the first divergence.
 """
     if not args.no_write:
-        write_section(Path(args.results), text)
+        write_section(SECTION, text, Path(args.results))
         print(f"wrote {SECTION!r} in {args.results}")
     else:
         print(text)

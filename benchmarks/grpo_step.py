@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -33,9 +32,9 @@ from nanoseek.config import preset
 from nanoseek.data.tasks import Problem, builtin_corpus, get_task
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
+from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## GRPO step vs TRL (issue 5)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def parse() -> argparse.Namespace:
@@ -150,15 +149,6 @@ def run_trl(a, model_dir: Path, problems: list[Problem]) -> tuple[list[float], s
 
 
 # ============================================================================ results
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, RESULTS)
-
-
 def main() -> int:
     a = parse()
     if a.threads:
@@ -187,7 +177,7 @@ def main() -> int:
         f"Reproduce: `python benchmarks/grpo_step.py{' --quick' if a.quick else ''}`.", ""])
     print(text)
     if not a.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote {SECTION!r} in {RESULTS}")
     return 0
 

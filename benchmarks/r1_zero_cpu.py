@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,10 @@ from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import DataConfig, pretrain
 from nanoseek.train.sft import TRAIN_DEFAULTS as SFT_DEFAULTS
 from nanoseek.train.sft import distill
+from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## R1-Zero on a CPU (issue 5)"
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 
 
 def parse() -> argparse.Namespace:
@@ -284,16 +283,6 @@ def section(a, res: dict, cmd: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace only this script's section of RESULTS.md (others write theirs concurrently)."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, RESULTS)
-
-
 def main() -> int:
     a = parse()
     if a.threads:
@@ -330,7 +319,7 @@ def main() -> int:
         for name in ("r1_zero_curves.png", "r1_zero_tts.png"):
             if (out / name).exists():
                 (HERE / name).write_bytes((out / name).read_bytes())
-        write_section(text)
+        write_section(SECTION, text)
         log(f"wrote {SECTION!r} in {RESULTS}")
     return 0
 

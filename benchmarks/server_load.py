@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import random
-import re
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from nanoseek.checkpoint import save_model  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.model.transformer import DeepseekV3ForCausalLM  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
+from results_md import write_section  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## Server load test (issue 6)"
 WORDS = "the quick brown fox jumps over a lazy dog while twelve plus thirty makes forty two".split()
@@ -105,14 +105,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_section(text: str) -> None:
-    path = Path(__file__).with_name("RESULTS.md")
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip() + "\n\n" + text
-    path.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a model or run directory (default: tiny, random weights)")
@@ -177,7 +169,7 @@ Aggregate speed-up from continuous batching: **{speedup:.1f}x** (target >= 5x: {
 """
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

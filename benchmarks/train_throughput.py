@@ -31,14 +31,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from nanoseek.checkpoint import save_model
 from nanoseek.config import ModelConfig, preset
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
+from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## Training throughput (issue 2)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 # ==================================================================== FLOPs and peak
@@ -158,16 +157,6 @@ def config_summary(cfg: ModelConfig, name: str) -> str:
             f"{cfg.n_shared_experts} shared, vocab {cfg.vocab_size}, {cfg.num_nextn_predict_layers} MTP module")
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace our section in RESULTS.md (up to the next `## ` heading), keeping everyone else's."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny")
@@ -241,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote section to {RESULTS}")
 
 
