@@ -212,9 +212,13 @@ def run_speedrun(plan: Plan, root: str | Path, quiet: bool = False) -> dict[str,
     # 3. GRPO (R1-Zero style) at the edge of competence
     rl = root / "grpo"
     if not _done(rl):
+        # Sequence-level loss anchored to the SFT model by a k3 KL term: on `tiny` the DAPO token-level default
+        # collapsed to one answer in all three 15-20 minute runs we made, while this setting gained 4.5 points of
+        # held-out pass@1 (benchmarks/RESULTS.md, issue 5).
         cfg = GRPOConfig(task=plan.task, difficulty=str(plan.difficulty), group_size=4 if plan.smoke else 8,
                          prompts_per_step=2 if plan.smoke else 8, max_new_tokens=plan.max_new_tokens,
-                         dynamic_sampling=not plan.smoke, eval_num=8 if plan.smoke else 32)
+                         loss_type="grpo", beta=0.04, dynamic_sampling=not plan.smoke,
+                         eval_num=8 if plan.smoke else 32)
         train = TrainConfig(**{**GRPO_DEFAULTS, **limits("grpo", ["grpo"])})
         say(f"stage 3/3 GRPO: {train.steps or f'{train.minutes:.1f} min'}")
         grpo(sft_dir / "model", rl, cfg, train, resume=(rl / "config.json").exists(),
