@@ -107,21 +107,28 @@ def test_fsdp_with_expert_parallel_matches_one_process(runs, tmp_path, nproc):
 
 
 # ---------------------------------------------------------------------------------------------- (b)
-def _moe_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _seeded_moe():
+    """The same MoE layer (weights and router bias) in every process that builds it."""
     from nanoseek.config import smoke
     from nanoseek.model.moe import MoE
-    from nanoseek.train import distributed as D
 
-    D.init_distributed("cpu")
     cfg = smoke()
     torch.manual_seed(0)
     moe = MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.2)
     moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return cfg, moe
+
+
+def _moe_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from nanoseek.train import distributed as D
+
+    D.init_distributed("cpu")
+    cfg, moe = _seeded_moe()
     x = torch.randn(world, 3, 16, cfg.hidden_size)  # each rank's tokens; rank r uses x[r]
     g = torch.randn(world, 3, 16, cfg.hidden_size)
 
@@ -155,15 +162,8 @@ def test_expert_parallel_moe_matches_one_process(tmp_path):
     # fork: the children start with torch already imported (spawn would import it again, slowly)
     mp.start_processes(_moe_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
                        start_method="fork")
-    from nanoseek.config import smoke
-    from nanoseek.model.moe import MoE
 
-    cfg = smoke()
-    torch.manual_seed(0)
-    moe = MoE(cfg)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    cfg, moe = _seeded_moe()
     x = torch.randn(world, 3, 16, cfg.hidden_size)
     g = torch.randn(world, 3, 16, cfg.hidden_size)
     xf = x.reshape(world * 3, 16, -1).clone().requires_grad_(True)

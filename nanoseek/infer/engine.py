@@ -19,7 +19,6 @@ draft iff it equals the target argmax (so the output equals plain greedy decodin
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +78,19 @@ class Event:
     finished: bool
     finish_reason: str | None = None
     output: Output | None = None  # set when finished
+
+
+def count_thinking_tokens(ids: list[int], think_id: int, end_think_id: int, think_open: bool = False) -> int:
+    """Tokens generated inside <think>...</think> (the region may have been opened by the prompt)."""
+    inside, n = think_open, 0
+    for t in ids:
+        if t == think_id:
+            inside = True
+        elif t == end_think_id:
+            inside = False
+        elif inside:
+            n += 1
+    return n
 
 
 def split_reasoning(text: str, think_open: bool = False) -> tuple[str, str]:

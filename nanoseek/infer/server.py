@@ -29,7 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from nanoseek.infer.engine import ANSWER, END_ANSWER, END_THINK, THINK, Engine, Event, Output, Request
+from nanoseek.infer.engine import (ANSWER, END_ANSWER, END_THINK, THINK, Engine, Event, Output, Request,
+                                   count_thinking_tokens)
 from nanoseek.infer.engine_loop import APIError, EngineLoop, error_body, prompt_logprobs
 from nanoseek.infer.sampling import SamplingParams
 
@@ -136,16 +137,7 @@ class Server:
                 "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
     def reasoning_tokens(self, ids: list[int], think_open: bool) -> int:
-        e = self.engine
-        inside, n = think_open, 0
-        for t in ids:
-            if t == e.think_id:
-                inside = True
-            elif t == e.end_think_id:
-                inside = False
-            elif inside:
-                n += 1
-        return n
+        return count_thinking_tokens(ids, self.engine.think_id, self.engine.end_think_id, think_open)
 
     async def run(self, request: HTTPRequest, prompts: list[list[int]], params: SamplingParams,
                   on_event: Callable | None = None) -> list[Output]:
