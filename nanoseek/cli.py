@@ -770,6 +770,8 @@ def _add_speedrun(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="model preset (default: tiny on a CPU; 'smoke' checks the pipeline in minutes)")
     p.add_argument("--task", default="arithmetic", help="the verifiable task to reason about (arithmetic, countdown)")
     p.add_argument("--run", default="runs/speedrun", help="output directory (default runs/speedrun)")
+    p.add_argument("--workers", type=int, help="pretraining processes (default on a CPU: one single-threaded "
+                                               "process per core, data parallel; 1 = one process)")
     p.set_defaults(func=_cmd_speedrun)
 
 
@@ -778,7 +780,7 @@ def _cmd_speedrun(args: argparse.Namespace) -> int:
 
     if args.minutes is not None and args.budget_usd is not None:
         raise UsageError("give --minutes or --budget-usd, not both")
-    plan = make_plan(args.minutes, args.budget_usd, args.device, args.preset, args.task, args.price)
+    plan = make_plan(args.minutes, args.budget_usd, args.device, args.preset, args.task, args.price, args.workers)
     run_speedrun(plan, args.run)
     return 0
 

@@ -9,13 +9,14 @@ from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
 from nanoseek.checkpoint import load_model
 from nanoseek.cli import main
-from nanoseek.speedrun import Clock, make_plan
+from nanoseek.speedrun import Clock, cpu_workers, make_plan
 
 
 @pytest.fixture(scope="module")
 def speedrun(tmp_path_factory):
     root = tmp_path_factory.mktemp("speedrun") / "sr"
-    assert main(["speedrun", "--preset", "smoke", "--run", str(root)]) == 0
+    # two workers: pretraining runs as two single-threaded torch.distributed ranks, as on a multi-core CPU
+    assert main(["speedrun", "--preset", "smoke", "--run", str(root), "--workers", "2"]) == 0
     return root
 
 
@@ -23,6 +24,7 @@ def test_smoke_speedrun_writes_report_receipt_and_a_transformers_model(speedrun)
     receipt = json.loads((speedrun / "receipt.json").read_text())
     assert set(receipt["accuracy"]) == {"pretrain", "sft", "grpo"}
     assert receipt["device_hours"] > 0 and receipt["stages"][-1]["stage"] == "Total"
+    assert json.loads((speedrun / "pretrain" / "receipt.json").read_text())["num_devices"] == 2  # both ranks
     assert receipt["stages"][-1]["projected_hours"] > 0  # the same work on one H100
     report = (speedrun / "report.md").read_text()
     assert "Total" in report and "H100" in report and "pass@1" in report
@@ -55,6 +57,7 @@ def test_another_preset_cannot_resume_this_speedrun(speedrun, capsys):
     (["--budget-usd", "0"], "--budget-usd must be positive"),
     (["--budget-usd", "1", "--device", "cpu"], "no price per hour"),
     (["--device", "tpu9"], "unknown device"),
+    (["--workers", "0"], "--workers must be >= 1"),
 ])
 def test_bad_budgets_are_one_clear_line(tmp_path, capsys, args, message):
     assert main(["speedrun", *args, "--run", str(tmp_path / "x")]) == 2
@@ -67,6 +70,8 @@ def test_budget_plans():
     plan = make_plan(budget_usd=6.0, device="h100")  # $6 at $3/hour = 2 hours
     assert plan.minutes == pytest.approx(120.0) and plan.preset == "d12"
     assert make_plan(minutes=30, device="cpu").preset == "tiny"
+    assert make_plan(minutes=30, device="cpu").workers == cpu_workers() >= 1  # one process per core
+    assert make_plan(preset="smoke", device="cpu").workers == 1 and make_plan(device="h100").workers == 1
     clock = Clock(30.0, spent_minutes=10.0)
     assert clock.left() == pytest.approx(20.0, abs=0.01)
     # what is left after the reserve is shared by the remaining stages' weights

@@ -46,14 +46,18 @@ def builtin_corpus(num_docs: int, seed: int = 0, *, tasks: Sequence[str] | None 
                    difficulties: Mapping[str, Sequence[int]] | None = None) -> Iterator[str]:
     """Yield `num_docs` training documents mixing tasks and difficulties, deterministic in `seed`.
 
+    By default each task contributes its CORPUS_DIFFICULTIES, the short problems. A CPU-scale run sees only a
+    few million tokens: short problems give it many more worked examples of the basic moves (copying operands,
+    one column at a time) per token than long ones, and leave the harder levels for RL and evaluation.
+
     Each document is a "train"-split problem rendered by `document`: "<|user|>PROMPT<|assistant|><think>
-    ...</think><answer>X</answer>" (no BOS/EOS: the consumer frames documents). `difficulties` overrides a task's DIFFICULTIES, e.g.
+    ...</think><answer>X</answer>" (no BOS/EOS: the consumer frames documents). `difficulties` overrides a task's levels, e.g.
     {"arithmetic": [1, 2, 3]}."""
     names = list(tasks) if tasks else sorted(TASKS)
     chosen = [get_task(n) for n in names]
     rng = random.Random(seed)
     for _ in range(num_docs):
         task = rng.choice(chosen)
-        levels = list((difficulties or {}).get(task.NAME, task.DIFFICULTIES))
+        levels = list((difficulties or {}).get(task.NAME, task.CORPUS_DIFFICULTIES))
         problem = task.sample("train", rng.getrandbits(63), rng.choice(levels))
         yield document(task, problem, rng)

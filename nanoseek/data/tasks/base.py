@@ -2,7 +2,7 @@
 
 A task is a module (see arithmetic.py, countdown.py) exposing:
 
-    NAME, DIFFICULTIES (the useful range), DEFAULT_DIFFICULTY
+    NAME, DIFFICULTIES (the useful range), CORPUS_DIFFICULTIES (those in the built-in corpus), DEFAULT_DIFFICULTY
     generate(rng, difficulty) -> Problem          seeded, so the same rng state gives the same problem
     key(problem) -> str                           canonical form: problems that are "the same" share a key
     prompt(problem) -> str                        R1-Zero style: think in <think>, answer in <answer>
@@ -146,6 +146,7 @@ class Task(Protocol):
 
     NAME: str
     DIFFICULTIES: range
+    CORPUS_DIFFICULTIES: range
     DEFAULT_DIFFICULTY: int
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem: ...

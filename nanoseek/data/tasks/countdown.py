@@ -39,6 +39,7 @@ from nanoseek.data.tasks.base import (ANSWER, END_ANSWER, END_THINK, INSTRUCTION
 
 NAME = "countdown"
 DIFFICULTIES = range(2, 6)
+CORPUS_DIFFICULTIES = range(2, 4)  # the built-in pretraining corpus: short problems (see tasks/__init__.py)
 DEFAULT_DIFFICULTY = 3
 MAX_NUMBER = 25
 MAX_TARGET = 250
@@ -98,8 +99,8 @@ def key(problem: Problem) -> str:
 
 
 def prompt(problem: Problem) -> str:
-    return (f"Using the numbers {problem['numbers']}, make {problem['target']}. "
-            f"Use + - * / and each number exactly once. {INSTRUCTION}")
+    return (f"{INSTRUCTION} Using the numbers {problem['numbers']}, make {problem['target']}. "
+            f"Use + - * / and each number exactly once.")
 
 
 def sample(split: str, index: int, difficulty: int | None = None) -> Problem:
