@@ -139,6 +139,20 @@ def test_grouped_gemm_experts_match_per_expert_loop_forward_and_backward(hidden)
         assert torch.allclose(a, t.grad, atol=1e-4)
 
 
+def test_few_rows_inference_path_equals_reference():
+    # decoding one or two tokens: fewer (token, expert) pairs than experts takes the gather-and-bmm path
+    torch.manual_seed(0)
+    experts = RoutedExperts(smoke())
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    E, k = experts.gate_up_proj.shape[0], 2
+    for n in (1, E // k - 1):
+        x, ids, weights = torch.randn(n, experts.down_proj.shape[1]), torch.randint(0, E, (n, k)), torch.rand(n, k)
+        with torch.no_grad():
+            few = experts(x, ids, weights)
+        assert torch.allclose(few, _loop_experts(experts, x, ids, weights), atol=1e-5)
+
+
 def test_grouped_linear_fallback_equals_grouped_mm():
     x = torch.randn(13, 16)
     w = torch.randn(4, 8, 16)

@@ -25,6 +25,7 @@ class LatentCache:
         self.k_pe = torch.zeros(*shape, config.qk_rope_head_dim, dtype=dtype, device=device)
         self.slots: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+        self.span = 0  # keys 0..span-1 are read back: the furthest bound position + 1
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -33,9 +34,11 @@ class LatentCache:
 
     def bind(self, slots: torch.Tensor, positions: torch.Tensor) -> "LatentCache":
         """Rows of the next forward use `slots` [B]; its tokens sit at `positions` [B, T]."""
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"sequence would reach {int(positions.max()) + 1} tokens but the cache holds "
-                             f"{self.max_len}; raise max_len or shorten the request")
+        # The one host sync of a forward, here rather than in every layer (a compiled step sees a plain int).
+        self.span = int(positions.max()) + 1
+        if self.span > self.max_len:
+            raise ValueError(f"sequence would reach {self.span} tokens but the cache holds {self.max_len}; "
+                             f"raise max_len or shorten the request")
         self.slots, self.positions = slots.to(self.c_kv.device), positions.to(self.c_kv.device)
         return self
 
@@ -44,6 +47,6 @@ class LatentCache:
         rows = slots[:, None].expand_as(pos)
         self.c_kv[layer, rows, pos] = c_kv.to(self.c_kv.dtype)
         self.k_pe[layer, rows, pos] = k_pe.to(self.k_pe.dtype)
-        span = int(pos.max()) + 1
+        span = self.span
         mask = torch.arange(span, device=pos.device)[None, None, :] <= pos[:, :, None]
         return self.c_kv[layer, slots, :span], self.k_pe[layer, slots, :span], mask

@@ -77,15 +77,34 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
             return grouped_linear(bf16_as_fp32(x), bf16_as_fp32(weight), counts, offsets).to(torch.bfloat16)
     dtype = _matmul_dtype(x)
     x, w = x.to(dtype), weight.to(dtype)
+    if not torch.is_grad_enabled() and torch.compiler.is_compiling():
+        # Inference under torch.compile (the engine's compiled decode step): an opaque op with a known output
+        # shape, because _grouped_mm's shape check rejects float32 while tracing and the fallback's size
+        # depends on the data. Eager inference keeps the direct call (a custom op costs a dispatch).
+        return torch.ops.nanoseek.grouped_linear(x, w, counts, offsets)
+    return _grouped_linear(x, w, counts, offsets)
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     if grouped_mm_supported(x, w):
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
     # Fallback: scatter the rows into a zero-padded [E, max_count, in] block and use one batched matmul.
-    E = weight.shape[0]
+    E = w.shape[0]
     expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
     row = torch.arange(x.shape[0], device=x.device) - (offsets - counts)[expert]
     padded = x.new_zeros(E, int(counts.max()) if x.shape[0] else 0, x.shape[1])
     padded[expert, row] = x
     return torch.bmm(padded, w.transpose(1, 2))[expert, row]
+
+
+@torch.library.custom_op("nanoseek::grouped_linear", mutates_args=())
+def _grouped_linear_op(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _grouped_linear(x, w, counts, offsets)
+
+
+@_grouped_linear_op.register_fake
+def _(x, w, counts, offsets):
+    return x.new_empty(x.shape[0], w.shape[1])
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -112,15 +131,29 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         N, k = ids.shape
         flat = ids.reshape(-1)
+        if (N * k < self.gate_up_proj.shape[0] and type(self)._mlp is RoutedExperts._mlp and self.ep_group is None
+                and not torch.is_grad_enabled()):  # (FP8 subclasses replace _mlp: they keep the grouped path)
+            return self._few_rows(x, flat, weights)
         order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
         token = order // k
         if self.ep_group is not None:
             out = self._expert_parallel(x[token], flat, order)
         else:
-            out = self._mlp(x[token], torch.bincount(flat, minlength=self.gate_up_proj.shape[0]),
-                            self.gate_up_proj, self.down_proj)
+            out = self._mlp(x[token], expert_counts(flat, self.gate_up_proj.shape[0]), self.gate_up_proj,
+                            self.down_proj)
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out).to(x.dtype)
+
+    def _few_rows(self, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Inference with fewer (token, expert) pairs than experts, as when decoding one sequence: gather just the
+        chosen experts' weights and run one batched matmul per projection. The grouped GEMM would visit every
+        expert, empty or not, and sort and scatter rows; this is a handful of ops (measured in benchmarks)."""
+        N, k = weights.shape
+        rows = x.repeat_interleave(k, dim=0)[:, :, None]  # [N k, D, 1]
+        dtype = _matmul_dtype(x)
+        gate, up = torch.bmm(self.gate_up_proj[flat].to(dtype), rows.to(dtype)).chunk(2, dim=1)
+        out = torch.bmm(self.down_proj[flat].to(dtype), F.silu(gate) * up)[:, :, 0]  # [N k, D]
+        return (out.view(N, k, -1) * weights[:, :, None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
     @staticmethod
     def _mlp(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -148,6 +181,12 @@ class RoutedExperts(nn.Module):
         out = self._mlp(received[perm], recv_counts.view(ep, n).sum(0), gate_up, down)
         out = out[perm.argsort()]  # back to source-rank order
         return _AllToAll.apply(out, send_splits, recv_splits, group)
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert. `bincount` would do, but its output size depends on the data, which torch.compile
+    cannot trace; this is the same count with a fixed size."""
+    return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
