@@ -2,7 +2,7 @@
 then test-time scaling (accuracy vs thinking budget) and distillation into a smaller student. Writes the
 `## R1-Zero on a CPU (issue 5)` section of benchmarks/RESULTS.md (only that section) and PNGs next to it.
 
-    python benchmarks/r1_zero_cpu.py                       # the real run (~75 min on a 2-core laptop)
+    python benchmarks/r1_zero_cpu.py                       # the real run (~95 min on a 2-core laptop)
     python benchmarks/r1_zero_cpu.py --smoke --no-write    # a 1-2 minute check that every phase runs
     python benchmarks/r1_zero_cpu.py --phases grpo,tts --out runs/r1zero   # reuse the pretrained model
 
@@ -28,6 +28,7 @@ from nanoseek.checkpoint import atomic_write_json
 from nanoseek.config import preset
 from nanoseek.data.tasks import get_task
 from nanoseek.evaluate import evaluate_task
+from nanoseek.speedrun import cpu_workers, pretrain_processes
 from nanoseek.train.grpo import TRAIN_DEFAULTS as GRPO_DEFAULTS
 from nanoseek.train.grpo import GRPOConfig, grpo
 from nanoseek.train.loop import TrainConfig
@@ -46,8 +47,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--phases", default="pretrain,grpo,tts,distill", help="comma list of phases to run")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--task", default="arithmetic")
-    p.add_argument("--pretrain-minutes", type=float, default=20.0)
-    p.add_argument("--data", default="builtin", help="pretraining data (default: the built-in corpus, 60K documents)")
+    p.add_argument("--pretrain-minutes", type=float, default=36.0)
+    p.add_argument("--pretrain-workers", type=int, default=cpu_workers(),
+                   help="pretraining processes, one thread each (default: one per core)")
+    p.add_argument("--data", default="builtin:40000", help="pretraining data (default: 40K built-in documents)")
     p.add_argument("--grpo-minutes", type=float, default=20.0)
     p.add_argument("--difficulty", default=None, help="GRPO difficulty (default: found by the edge probe)")
     p.add_argument("--edge-min", type=float, default=0.1, help="least probe pass@1 for the edge difficulty")
@@ -55,10 +58,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-num", type=int, default=200, help="held-out problems for before/after")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--lr", type=float, default=GRPO_DEFAULTS["lr"])
-    p.add_argument("--loss-type", default="dapo")
-    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--loss-type", default="grpo")
+    p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--grpo-eval-every", type=int, default=5)
     p.add_argument("--grpo-eval-num", type=int, default=64)
     p.add_argument("--budgets", default="0,8,16,32,64,128,256", help="thinking budgets for test-time scaling")
@@ -73,7 +76,7 @@ def parse() -> argparse.Namespace:
     if a.smoke:
         a.preset, a.pretrain_minutes, a.grpo_minutes, a.student_preset = "smoke", 0.15, 0.3, "smoke"
         a.student_minutes, a.probe_num, a.eval_num, a.grpo_eval_num, a.grpo_eval_every = 0.1, 4, 8, 4, 2
-        a.group_size, a.prompts_per_step, a.max_new_tokens = 4, 2, 32
+        a.group_size, a.prompts_per_step, a.max_new_tokens, a.pretrain_workers = 4, 2, 32, 1
         a.budgets, a.distill_prompts, a.distill_samples, a.data = "0,8,32", 8, 2, "builtin:1000"
         if a.out == "runs/r1zero":
             a.out = "runs/r1zero-smoke"
@@ -103,10 +106,13 @@ def phase_pretrain(a, out: Path) -> Path:
     if (run / "model" / "config.json").exists():
         log(f"reusing {run}/model")
         return run / "model"
-    log(f"pretraining {a.preset} for {a.pretrain_minutes} min on the built-in corpus")
-    cfg = TrainConfig(minutes=a.pretrain_minutes, batch_size=16, seq_len=256, eval_every=100, checkpoint_every=500,
-                      warmup_steps=20, schedule="wsd")
-    pretrain(preset(a.preset), cfg, DataConfig(paths=[a.data]), run)
+    log(f"pretraining {a.preset} for {a.pretrain_minutes} min on the built-in corpus, {a.pretrain_workers} process(es)")
+    train = dict(minutes=a.pretrain_minutes, batch_size=16, seq_len=256)
+    resume = (run / "config.json").exists()
+    if a.pretrain_workers > 1:
+        pretrain_processes(a.preset, run, train, a.data, a.pretrain_workers, resume=resume)
+    else:
+        pretrain(preset(a.preset), TrainConfig(**train), DataConfig(paths=[a.data]), run, resume=resume)
     return run / "model"
 
 
@@ -265,8 +271,9 @@ def section(a, res: dict, cmd: str) -> str:
     if "distill_skipped" in res:
         lines += [f"**Distillation** skipped: {res['distill_skipped']}.", ""]
     lines += ["Reproduce each step alone:", "", "```",
-              f"nanoseek pretrain --preset {a.preset} --data {a.data} --minutes {a.pretrain_minutes:g} --batch-size 16 "
-              f"--seq-len 256 --set schedule=wsd --run {a.out}/pretrain",
+              f"OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node {a.pretrain_workers} -m nanoseek pretrain "
+              f"--preset {a.preset} --data {a.data} --minutes {a.pretrain_minutes:g} "
+              f"--batch-size {16 // a.pretrain_workers} --seq-len 256 --run-dir {a.out}/pretrain",
               f"nanoseek eval {a.out}/pretrain --task {a.task} --difficulty {res.get('difficulty', 'D')} "
               f"--num {a.eval_num} --seed 2 --max-tokens {a.max_new_tokens}",
               f"nanoseek grpo --init {a.out}/pretrain --run {a.out}/grpo --task {a.task} "

@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nanoseek: interrupted", file=sys.stderr)
         return 130
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ChildProcessError) as e:
         if os.environ.get("NANOSEEK_DEBUG"):
             raise
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)

@@ -92,22 +92,23 @@ def cpu_workers(cap: int = 8) -> int:
     return max(1, min(cap, cores))
 
 
-def _pretrain_ranks(plan: Plan, run_dir: Path, train: dict[str, Any], data: str, resume: bool, quiet: bool) -> None:
-    """Pretrain as `plan.workers` single-threaded ranks: `torchrun -m nanoseek pretrain` in a child process.
+def pretrain_processes(preset: str, run_dir: Path, train: dict[str, Any], data: str, workers: int,
+                       price_per_hour: float | None = None, resume: bool = False, quiet: bool = False) -> None:
+    """Pretrain as `workers` single-threaded ranks: `torchrun -m nanoseek pretrain` in a child process.
     `train` holds TrainConfig fields; its batch_size is the global batch, split over the ranks."""
-    train = {**train, "batch_size": max(1, train["batch_size"] // plan.workers)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={plan.workers}",
-           "-m", "nanoseek", "pretrain", "--preset", plan.preset, "--data", data, "--run-dir", str(run_dir)]
+    train = {**train, "batch_size": max(1, train["batch_size"] // workers)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}",
+           "-m", "nanoseek", "pretrain", "--preset", preset, "--data", data, "--run-dir", str(run_dir)]
     for key, value in train.items():
         cmd += ["--set", f"{key}={value}"]
-    if plan.price_per_hour is not None:
-        cmd += ["--price", str(plan.price_per_hour)]
+    if price_per_hour is not None:
+        cmd += ["--price", str(price_per_hour)]
     if resume:
         cmd.append("--resume")
     quiet_io = subprocess.DEVNULL if quiet else None
     result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=quiet_io, stderr=quiet_io)
     if result.returncode != 0:
-        raise RuntimeError(f"pretraining on {plan.workers} processes failed (exit {result.returncode}); rerun the "
+        raise ChildProcessError(f"pretraining on {workers} processes failed (exit {result.returncode}); rerun the "
                            f"same command to resume it, or see the messages above")
 
 
@@ -233,7 +234,7 @@ def run_speedrun(plan: Plan, root: str | Path, quiet: bool = False) -> dict[str,
         on = f" on {plan.workers} single-threaded processes" if plan.workers > 1 else ""
         say(f"stage 1/3 pretrain: {limit}{on}")
         if plan.workers > 1:
-            _pretrain_ranks(plan, pre, train, data, resume, quiet)
+            pretrain_processes(plan.preset, pre, train, data, plan.workers, plan.price_per_hour, resume, quiet)
         else:
             pretrain(get_preset(plan.preset), TrainConfig(**train), DataConfig(paths=[data]), pre, resume=resume,
                      price_per_hour=plan.price_per_hour, quiet=quiet)

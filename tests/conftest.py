@@ -26,3 +26,10 @@ def smoke_model(tmp_path_factory):
     assert main(["pretrain", "--preset", "smoke", "--data", "builtin:300", "--batch-size", "4", "--seq-len", "64",
                  "--steps", "3", "--run", str(run)]) == 0
     return run
+
+
+def routing_biases(model_dir) -> dict:
+    """Every MoE layer's e_score_correction_bias in a saved model (fine-tuning stages must leave them alone)."""
+    from nanoseek.checkpoint import load_model
+
+    return {k: v for k, v in load_model(model_dir).state_dict().items() if k.endswith("e_score_correction_bias")}

@@ -11,6 +11,7 @@ import torch
 from nanoseek.cli import main
 from nanoseek.train.grpo import (GRPOConfig, RolloutBatches, group_advantages, grpo_loss, load_reward_fn,
                                  overlong_penalty, select_groups)
+from conftest import routing_biases
 
 
 # ---------------------------------------------------------------------------------------------- the loss by hand
@@ -199,6 +200,8 @@ def test_nanoseek_grpo_runs_two_steps_and_logs_the_metrics(smoke_model, tmp_path
         assert key in last, key
     assert (run / "model" / "tokenizer.json").exists() and (run / "receipt.json").exists()
     assert json.loads((run / "receipt.json").read_text())["stage"] == "grpo"
+    before, after = routing_biases(smoke_model / "model"), routing_biases(run / "model")
+    assert before and all(torch.equal(before[k], after[k]) for k in before)  # the routing bias stays frozen
 
 
 @pytest.mark.parametrize("extra, message", [

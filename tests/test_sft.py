@@ -11,6 +11,7 @@ from nanoseek.data.tasks import get_task
 from nanoseek.infer.engine import Engine, Output
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.sft import IGNORE_INDEX, RowBatches, inputs_targets, pack_conversations, teacher_traces
+from conftest import routing_biases
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 2 + 3."},
         {"role": "assistant", "content": "<think>2+3=5</think><answer>5</answer>"},
@@ -64,6 +65,8 @@ def test_nanoseek_sft_end_to_end(smoke_model, tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["stage"] == "sft" and rows[-1]["trained_tokens"] > 0 and "val_loss" in rows[-1]
     assert (run / "model" / "tokenizer.json").exists() and (run / "receipt.json").exists()
+    before, after = routing_biases(smoke_model / "model"), routing_biases(run / "model")
+    assert before and all(torch.equal(before[k], after[k]) for k in before)  # the routing bias stays frozen
 
 
 @pytest.mark.parametrize("content, message", [

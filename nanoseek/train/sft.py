@@ -31,8 +31,10 @@ from nanoseek.train.loop import Trainer, TrainConfig, resolve_precision
 from nanoseek.train.run import prepare_run
 
 IGNORE_INDEX = -100
+# The routing bias stays as pretraining left it (see grpo.TRAIN_DEFAULTS): fine-tuning data is narrow, and
+# balancing its load would reroute the tokens of everything else.
 TRAIN_DEFAULTS = {"lr": 3e-4, "warmup_steps": 10, "schedule": "cosine", "batch_size": 16, "seq_len": 512,
-                  "eval_every": 50, "checkpoint_every": 200}
+                  "eval_every": 50, "checkpoint_every": 200, "bias_freeze_frac": 0.0}
 
 
 # ============================================================================ data
