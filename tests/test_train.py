@@ -130,3 +130,11 @@ def test_schedules():
     assert lr_multiplier(wsd, 50, 0.5) == 1.0 and lr_multiplier(wsd, 90, 0.9) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(steps=1, schedule="linear").validate()
+
+
+@pytest.mark.slow  # compiling the layers takes a minute or two on a 2-core CPU
+def test_compiled_layers_train_like_eager_ones(finished_run, tmp_path):
+    assert main(["pretrain", *ARGS, "--run", str(tmp_path / "c"), "--steps", "4", "--compile"]) == 0
+    eager, compiled = _losses(finished_run), _losses(tmp_path / "c")
+    for step in range(1, 5):
+        assert abs(eager[step] - compiled[step]) < 1e-3 * abs(eager[step]), f"step {step}"

@@ -77,14 +77,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
             return grouped_linear(bf16_as_fp32(x), bf16_as_fp32(weight), counts, offsets).to(torch.bfloat16)
     dtype = _matmul_dtype(x)
     x, w = x.to(dtype), weight.to(dtype)
-    if not torch.is_grad_enabled() and torch.compiler.is_compiling():
-        # Inference under torch.compile (the engine's compiled decode step): an opaque op with a known output
-        # shape, because _grouped_mm's shape check rejects float32 while tracing and the fallback's size
-        # depends on the data. Eager inference keeps the direct call (a custom op costs a dispatch).
-        return torch.ops.nanoseek.grouped_linear(x, w, counts, offsets)
     return _grouped_linear(x, w, counts, offsets)
 
 
+# Eager even inside a compiled layer: _grouped_mm's shape check rejects float32 while tracing, and the fallback's
+# size depends on the data. It is one kernel call either way, so nothing is lost.
+@torch.compiler.disable
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     if grouped_mm_supported(x, w):
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
@@ -95,16 +93,6 @@ def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offs
     padded = x.new_zeros(E, int(counts.max()) if x.shape[0] else 0, x.shape[1])
     padded[expert, row] = x
     return torch.bmm(padded, w.transpose(1, 2))[expert, row]
-
-
-@torch.library.custom_op("nanoseek::grouped_linear", mutates_args=())
-def _grouped_linear_op(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return _grouped_linear(x, w, counts, offsets)
-
-
-@_grouped_linear_op.register_fake
-def _(x, w, counts, offsets):
-    return x.new_empty(x.shape[0], w.shape[1])
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -219,7 +219,9 @@ class Trainer:
         self.elapsed = 0.0  # training seconds, summed over resumes
         self.bad_steps = 0
         self.last_metrics: dict[str, Any] = {}
-        self.forward = torch.compile(model.forward) if cfg.compile else None  # optional; the loss calls the model
+        if cfg.compile:  # each decoder layer (and MTP module) in place: the loss code around them stays eager
+            for layer in model.model.layers:
+                layer.compile()
         self._tb = None
 
     # ---------------------------------------------------------------- progress and limits
