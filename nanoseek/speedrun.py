@@ -108,8 +108,8 @@ def pretrain_processes(preset: str, run_dir: Path, train: dict[str, Any], data: 
     quiet_io = subprocess.DEVNULL if quiet else None
     result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=quiet_io, stderr=quiet_io)
     if result.returncode != 0:
-        raise ChildProcessError(f"pretraining on {workers} processes failed (exit {result.returncode}); rerun the "
-                           f"same command to resume it, or see the messages above")
+        raise ChildProcessError(f"pretraining on {workers} processes failed (exit {result.returncode}); rerun "
+                                f"the same command to resume it, or see the messages above")
 
 
 class Clock:
@@ -259,9 +259,9 @@ def run_speedrun(plan: Plan, root: str | Path, quiet: bool = False) -> dict[str,
     # 3. GRPO (R1-Zero style) at the edge of competence
     rl = root / "grpo"
     if not _done(rl):
-        # Sequence-level loss anchored to the SFT model by a k3 KL term: on `tiny` the DAPO token-level default
-        # collapsed to one answer in all three 15-20 minute runs we made, while this setting gained 4.5 points of
-        # held-out pass@1 (benchmarks/RESULTS.md, issue 5).
+        # Sequence-level loss anchored to the SFT model by a k3 KL term, at grpo's default lr (3e-5) with the
+        # routing bias frozen: on `tiny` the DAPO token-level loss collapsed to one answer in all three 15-20
+        # minute runs we made (benchmarks/RESULTS.md, issue 5).
         cfg = GRPOConfig(task=plan.task, difficulty=str(plan.difficulty), group_size=4 if plan.smoke else 8,
                          prompts_per_step=2 if plan.smoke else 8, max_new_tokens=plan.max_new_tokens,
                          loss_type="grpo", beta=0.04, dynamic_sampling=not plan.smoke,

@@ -135,7 +135,7 @@ class RoutedExperts(nn.Module):
     def _few_rows(self, x: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Inference with fewer (token, expert) pairs than experts, as when decoding one sequence: gather just the
         chosen experts' weights and run one batched matmul per projection. The grouped GEMM would visit every
-        expert, empty or not, and sort and scatter rows; this is a handful of ops (measured in benchmarks)."""
+        expert, empty or not, and sort and scatter rows; this is a handful of ops."""
         N, k = weights.shape
         rows = x.repeat_interleave(k, dim=0)[:, :, None]  # [N k, D, 1]
         dtype = _matmul_dtype(x)

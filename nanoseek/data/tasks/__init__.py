@@ -51,8 +51,8 @@ def builtin_corpus(num_docs: int, seed: int = 0, *, tasks: Sequence[str] | None 
     one column at a time) per token than long ones, and leave the harder levels for RL and evaluation.
 
     Each document is a "train"-split problem rendered by `document`: "<|user|>PROMPT<|assistant|><think>
-    ...</think><answer>X</answer>" (no BOS/EOS: the consumer frames documents). `difficulties` overrides a task's levels, e.g.
-    {"arithmetic": [1, 2, 3]}."""
+    ...</think><answer>X</answer>" (no BOS/EOS: the consumer frames documents). `difficulties` overrides a
+    task's levels, e.g. {"arithmetic": [1, 2, 3]}."""
     names = list(tasks) if tasks else sorted(TASKS)
     chosen = [get_task(n) for n in names]
     rng = random.Random(seed)
