@@ -69,8 +69,12 @@ class Stage:
         return any(key in m for m in self.metrics)
 
     def model_config(self) -> ModelConfig | None:
+        """From the run's config.json (pretraining writes the model there) or else the saved model's own config
+        (fine-tuning runs start from a model directory)."""
         try:
-            return ModelConfig.from_hf_dict(dict(self.config["model"]))
+            if "model" in self.config:
+                return ModelConfig.from_hf_dict(dict(self.config["model"]))
+            return ModelConfig.from_hf_dict(json.loads((self.run_dir / "model" / "config.json").read_text()))
         except Exception:  # an unknown or partial config must not stop the report
             return None
 
@@ -456,7 +460,7 @@ def _md_table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
 def _model_line(stage: Stage) -> str:
     cfg = stage.model_config()
     if cfg is None:
-        return f"unknown model (no readable `model` in {stage.run_dir / 'config.json'})"
+        return f"unknown model (no readable model config in {stage.run_dir})"
     c = cost.param_counts(cfg)
     n = cfg.num_nextn_predict_layers
     mtp = f" (+{cost_tables.si(c['mtp'])} in {n} MTP module{'s' * (n > 1)})" if c["mtp"] else ""
