@@ -192,8 +192,8 @@ def main() -> None:
                   "(the model forward alone is ~95% of our step; sampling and bookkeeping are the rest). Done since: "
                   "a CPU path for fewer (token, expert) pairs than experts that runs only the chosen experts in "
                   "place (about 1.3x faster MoE for one token). Tried: torch.compile of the whole decode step "
-                  "(dynamic shapes) took 125 s to compile and gained ~10% at batch 1 on this CPU, so it is not "
-                  "used. Next: CUDA graphs on GPU, bf16 weights on GPU.", ""]
+                  "(dynamic shapes) took 125 s to compile and gained ~10% at batch 1 on this CPU (measured while the "
+                  "machine was busy), so it is not used. Next: CUDA graphs on GPU, bf16 weights on GPU.", ""]
     if not trained:
         lines += ["The trained-checkpoint MTP figure is **pending**: no trained checkpoint with MTP weights existed under "
                   "`runs/` when this ran. A random model's MTP drafts are almost never accepted, so this row shows "
