@@ -58,7 +58,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-num", type=int, default=200, help="held-out problems for before/after")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--lr", type=float, default=GRPO_DEFAULTS["lr"])
     p.add_argument("--loss-type", default="grpo")
     p.add_argument("--beta", type=float, default=0.04)

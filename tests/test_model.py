@@ -140,7 +140,7 @@ def test_grouped_gemm_experts_match_per_expert_loop_forward_and_backward(hidden)
 
 
 def test_few_rows_inference_path_equals_reference():
-    # decoding one or two tokens: fewer (token, expert) pairs than experts takes the gather-and-bmm path
+    # decoding one or a few tokens: fewer (token, expert) pairs than experts takes the per-expert in-place path
     torch.manual_seed(0)
     experts = RoutedExperts(smoke())
     torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
