@@ -196,6 +196,10 @@ def run_speedrun(plan: Plan, root: str | Path, quiet: bool = False) -> dict[str,
     from nanoseek.train.sft import sft
 
     root = Path(root)
+    for path in (root, root / "pretrain", root / "sft", root / "grpo"):  # before any stage starts (or a child)
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file, but the speedrun needs a directory there; "
+                                     f"choose another --run or move the file")
     say = (lambda *a: None) if quiet else (lambda *a: print("[speedrun]", *a, flush=True))
     plan_path = root / "plan.json"
     saved = json.loads(plan_path.read_text()) if plan_path.exists() else None

@@ -67,6 +67,14 @@ def test_bad_budgets_are_one_clear_line(tmp_path, capsys, args, message):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_file_where_a_run_directory_belongs_is_one_line(tmp_path, capsys):
+    (tmp_path / "sr").mkdir()
+    (tmp_path / "sr" / "pretrain").write_text("not a run")
+    assert main(["speedrun", "--preset", "smoke", "--workers", "2", "--run", str(tmp_path / "sr")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pretrain is a file" in err and len(err.splitlines()) == 1
+
+
 def test_budget_plans():
     plan = make_plan(budget_usd=6.0, device="h100")  # $6 at $3/hour = 2 hours
     assert plan.minutes == pytest.approx(120.0) and plan.preset == "d12"
