@@ -74,7 +74,7 @@ class Stage:
         try:
             if "model" in self.config:
                 return ModelConfig.from_hf_dict(dict(self.config["model"]))
-            return ModelConfig.from_hf_dict(json.loads((self.run_dir / "model" / "config.json").read_text()))
+            return ModelConfig.load(self.run_dir / "model")
         except Exception:  # an unknown or partial config must not stop the report
             return None
 
