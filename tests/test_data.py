@@ -96,8 +96,8 @@ def test_large_text_file_is_split_on_blank_lines(tmp_path, monkeypatch):
 def test_builtin_corpus(monkeypatch):
     calls = []
 
-    def fake_corpus(num_docs, seed):
-        calls.append((num_docs, seed))
+    def fake_corpus(num_docs, seed, tasks=None):
+        calls.append((num_docs, seed, tasks))
         return (f"task {seed} {i}" for i in range(num_docs))
 
     import nanoseek.data.tasks
@@ -105,9 +105,14 @@ def test_builtin_corpus(monkeypatch):
     monkeypatch.setattr(nanoseek.data.tasks, "builtin_corpus", fake_corpus, raising=False)
     assert list(read_documents(["builtin:3"], seed=7)) == ["task 7 0", "task 7 1", "task 7 2"]
     list(read_documents(["builtin"]))
-    assert calls[-1] == (sources.DEFAULT_BUILTIN_DOCS, 0)
-    with pytest.raises(ValueError, match="builtin:N"):
-        read_documents(["builtin:lots"])
+    assert calls[-1] == (sources.DEFAULT_BUILTIN_DOCS, 0, None)
+    list(read_documents(["builtin:4:arithmetic"]))
+    assert calls[-1] == (4, 0, ("arithmetic",))
+    list(read_documents(["builtin:countdown,arithmetic"]))
+    assert calls[-1] == (sources.DEFAULT_BUILTIN_DOCS, 0, ("countdown", "arithmetic"))
+    for bad in ("builtin:lots", "builtin:0", "builtin:3:chess", "builtin:3:arithmetic:x"):
+        with pytest.raises(ValueError, match="builtin:N:TASK"):
+            read_documents([bad])
 
 
 def test_source_errors_are_one_clear_sentence(tmp_path):

@@ -11,8 +11,8 @@ either the training or the held-out split, so a document is the unit that never 
 - `.parquet`: a string column named `text_field`, read in record batches (needs pyarrow).
 - a directory: every supported file under it, recursively, in sorted order (so the stream is deterministic);
   hidden files and folders (".git", ...) and unsupported files inside a directory are skipped.
-- `builtin` or `builtin:N`: N documents (default `DEFAULT_BUILTIN_DOCS`) from the verifiable tasks, so the
-  default run needs no download.
+- `builtin`, `builtin:N`, `builtin:N:TASK[,TASK]` or `builtin:TASK`: N documents (default
+  `DEFAULT_BUILTIN_DOCS`) from the verifiable tasks (default all of them), so the default run needs no download.
 
 Empty or whitespace-only documents are skipped everywhere. Errors are one sentence naming the file and the fix.
 """
@@ -78,7 +78,9 @@ def describe_sources(paths: list[str], text_field: str = "text", *, seed: int = 
         kind, target = _plan(str(p))
         names.append(str(p))
         if kind == BUILTIN:
-            h.update(f"builtin:{target}\0".encode())
+            from nanoseek.data.tasks import BARE_ANSWER_FRAC  # the corpus's recipe is part of its identity
+
+            h.update(f"builtin:{target}:bare={BARE_ANSWER_FRAC}\0".encode())
             continue
         for f in _expand(Path(target)):
             st = f.stat()
@@ -93,12 +95,9 @@ def describe_sources(paths: list[str], text_field: str = "text", *, seed: int = 
 
 
 def _plan(path: str) -> tuple[str, object]:
-    """Check one input path and say how to read it: ('builtin', N) or ('file', Path) (a directory is expanded)."""
+    """Check one input path and say how to read it: ('builtin', (N, tasks or None)) or ('file', Path)."""
     if path == BUILTIN or path.startswith(BUILTIN + ":"):
-        n = path[len(BUILTIN) + 1 :] or str(DEFAULT_BUILTIN_DOCS)
-        if not n.isdigit() or int(n) <= 0:
-            raise ValueError(f"Bad data path {path!r}: write 'builtin' or 'builtin:N' with N a positive document count.")
-        return BUILTIN, int(n)
+        return BUILTIN, _builtin_spec(path)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"Data path {path} does not exist; check the path (or use 'builtin' for the task corpus).")
@@ -112,6 +111,22 @@ def _plan(path: str) -> tuple[str, object]:
             f"supported are {', '.join(SUPPORTED_SUFFIXES)}, a directory of them, or 'builtin'."
         )
     return "file", p
+
+
+def _builtin_spec(path: str) -> tuple[int, tuple[str, ...] | None]:
+    """'builtin[:N][:TASK,...]' -> (N, tasks); tasks None means every task."""
+    from nanoseek.data.tasks import TASKS
+
+    fields = path.split(":")[1:]
+    n, tasks = DEFAULT_BUILTIN_DOCS, None
+    if fields and fields[0].isdigit() and int(fields[0]) > 0:
+        n = int(fields.pop(0))
+    if fields and all(name in TASKS for name in fields[0].split(",")):
+        tasks = tuple(fields.pop(0).split(","))
+    if fields:
+        raise ValueError(f"Bad data path {path!r}: write 'builtin', 'builtin:N' or 'builtin:N:TASK[,TASK]' with N a "
+                         f"positive document count and tasks from {', '.join(sorted(TASKS))}.")
+    return n, tasks
 
 
 def _expand(path: Path) -> list[Path]:
@@ -222,8 +237,9 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
                 yield text
 
 
-def _read_builtin(num_docs: int, seed: int) -> Iterator[str]:
+def _read_builtin(spec: tuple[int, tuple[str, ...] | None], seed: int) -> Iterator[str]:
     # Imported here: the tasks package is only needed when someone asks for the built-in corpus.
     from nanoseek.data.tasks import builtin_corpus
 
-    yield from builtin_corpus(num_docs, seed)
+    num_docs, tasks = spec
+    yield from builtin_corpus(num_docs, seed, tasks=tasks)
