@@ -28,11 +28,10 @@ from nanoseek.checkpoint import atomic_write_json
 from nanoseek.config import preset
 from nanoseek.data.tasks import get_task
 from nanoseek.evaluate import evaluate_task
-from nanoseek.speedrun import cpu_workers, pretrain_processes
 from nanoseek.train.grpo import TRAIN_DEFAULTS as GRPO_DEFAULTS
 from nanoseek.train.grpo import GRPOConfig, grpo
 from nanoseek.train.loop import TrainConfig
-from nanoseek.train.pretrain import DataConfig, pretrain
+from nanoseek.train.pretrain import DataConfig, cpu_workers, pretrain, pretrain_processes
 from nanoseek.train.sft import TRAIN_DEFAULTS as SFT_DEFAULTS
 from nanoseek.train.sft import distill
 from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)

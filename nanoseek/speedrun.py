@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +68,8 @@ def make_plan(minutes: float | None = None, budget_usd: float | None = None, dev
         preset = "tiny" if device_key == "cpu" else "d12" if minutes <= 120 else "d16"
     smoke = preset == "smoke"
     if workers is None:
+        from nanoseek.train.pretrain import cpu_workers
+
         workers = cpu_workers() if device_key == "cpu" and not smoke else 1
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -79,37 +78,6 @@ def make_plan(minutes: float | None = None, budget_usd: float | None = None, dev
     if smoke:
         plan = dataclasses.replace(plan, eval_num=8, probe_num=4, probe_difficulties=(1, 2), max_new_tokens=48)
     return plan
-
-
-def cpu_workers(cap: int = 8) -> int:
-    """Data-parallel pretraining processes for this CPU: one per core (at most `cap`).
-
-    Small models use threads poorly: on the 2-core reference machine one single-threaded process trains `tiny`
-    at ~850 tokens/s, one two-threaded process at ~950, and two single-threaded ranks under torch.distributed
-    (gloo) at ~1,650. So the speedrun runs its pretraining as N one-thread ranks rather than one N-thread process.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cap, cores))
-
-
-def pretrain_processes(preset: str, run_dir: Path, train: dict[str, Any], data: str, workers: int,
-                       price_per_hour: float | None = None, resume: bool = False, quiet: bool = False) -> None:
-    """Pretrain as `workers` single-threaded ranks: `torchrun -m nanoseek pretrain` in a child process.
-    `train` holds TrainConfig fields; its batch_size is the global batch, split over the ranks."""
-    train = {**train, "batch_size": max(1, train["batch_size"] // workers)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}",
-           "-m", "nanoseek", "pretrain", "--preset", preset, "--data", data, "--run-dir", str(run_dir)]
-    for key, value in train.items():
-        cmd += ["--set", f"{key}={value}"]
-    if price_per_hour is not None:
-        cmd += ["--price", str(price_per_hour)]
-    if resume:
-        cmd.append("--resume")
-    quiet_io = subprocess.DEVNULL if quiet else None
-    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=quiet_io, stderr=quiet_io)
-    if result.returncode != 0:
-        raise ChildProcessError(f"pretraining on {workers} processes failed (exit {result.returncode}); rerun "
-                                f"the same command to resume it, or see the messages above")
 
 
 class Clock:
@@ -193,7 +161,7 @@ def run_speedrun(plan: Plan, root: str | Path, quiet: bool = False) -> dict[str,
     from nanoseek.train.grpo import TRAIN_DEFAULTS as GRPO_DEFAULTS
     from nanoseek.train.grpo import GRPOConfig, grpo
     from nanoseek.train.loop import TrainConfig
-    from nanoseek.train.pretrain import DataConfig, pretrain
+    from nanoseek.train.pretrain import DataConfig, pretrain, pretrain_processes
     from nanoseek.train.sft import TRAIN_DEFAULTS as SFT_DEFAULTS
     from nanoseek.train.sft import sft
 

@@ -9,7 +9,8 @@ from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
 from nanoseek.checkpoint import load_model
 from nanoseek.cli import main
-from nanoseek.speedrun import Clock, cpu_workers, make_plan
+from nanoseek.speedrun import Clock, make_plan
+from nanoseek.train.pretrain import cpu_workers
 
 
 @pytest.fixture(scope="module")
