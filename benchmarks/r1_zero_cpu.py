@@ -46,10 +46,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--phases", default="pretrain,grpo,tts,distill", help="comma list of phases to run")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--task", default="arithmetic")
-    p.add_argument("--pretrain-minutes", type=float, default=36.0)
+    p.add_argument("--pretrain-minutes", type=float, default=30.0)
     p.add_argument("--pretrain-workers", type=int, default=cpu_workers(),
                    help="pretraining processes, one thread each (default: one per core)")
-    p.add_argument("--data", default="builtin:40000", help="pretraining data (default: 40K built-in documents)")
+    p.add_argument("--data", default=None, help="pretraining data (default: 40K built-in documents of --task)")
     p.add_argument("--grpo-minutes", type=float, default=20.0)
     p.add_argument("--difficulty", default=None, help="GRPO difficulty (default: found by the edge probe)")
     p.add_argument("--edge-min", type=float, default=0.1, help="least probe pass@1 for the edge difficulty")
@@ -72,6 +72,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny budgets and the smoke preset: checks the plumbing")
     p.add_argument("--no-write", action="store_true", help="do not touch benchmarks/RESULTS.md")
     a = p.parse_args()
+    a.data = a.data or f"builtin:40000:{a.task}"
     if a.smoke:
         a.preset, a.pretrain_minutes, a.grpo_minutes, a.student_preset = "smoke", 0.15, 0.3, "smoke"
         a.student_minutes, a.probe_num, a.eval_num, a.grpo_eval_num, a.grpo_eval_every = 0.1, 4, 8, 4, 2

@@ -137,9 +137,8 @@ def _probe(model_dir: Path, plan: Plan, path: Path, say) -> int:
 
 
 def write_sft_data(path: Path, task_name: str, difficulty: int, num: int, seed: int = 0) -> Path:
-    """Chat-format SFT data: train-split problems around the chosen difficulty, answered like the built-in corpus
-    (worked solutions, and bare answers in the corpus's share), so SFT sharpens both habits and GRPO chooses."""
-    from nanoseek.data.tasks import BARE_ANSWER_FRAC, bare_answer, get_task
+    """Chat-format SFT data: train-split problems around the chosen difficulty and their worked solutions."""
+    from nanoseek.data.tasks import get_task
 
     if path.exists():
         return path
@@ -150,8 +149,7 @@ def write_sft_data(path: Path, task_name: str, difficulty: int, num: int, seed: 
     for i in range(num):
         problem = task.sample("train", seed * 1_000_003 + i, rng.choice(levels))
         rows.append({"messages": [{"role": "user", "content": task.prompt(problem)},
-                                  {"role": "assistant", "content": bare_answer(task, problem, rng)
-                                   if rng.random() < BARE_ANSWER_FRAC else task.solution(problem, rng)}]})
+                                  {"role": "assistant", "content": task.solution(problem)}]})
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from nanoseek.data.tasks import (BARE_ANSWER_FRAC, TASKS, Problem, RewardConfig, builtin_corpus, extract_answer,
-                                 get_task, is_well_formed, split_of)
+from nanoseek.data.tasks import (TASKS, Problem, RewardConfig, builtin_corpus, extract_answer, get_task,
+                                 is_well_formed, split_of)
 from nanoseek.data.tasks import arithmetic, countdown
 
 
@@ -234,17 +234,6 @@ def test_builtin_corpus_is_deterministic_and_mixes_tasks():
         assert d.startswith("<|user|>") and "<|assistant|><think>" in d and d.endswith("</answer>")
     only = list(builtin_corpus(20, seed=0, tasks=["arithmetic"], difficulties={"arithmetic": [2]}))
     assert all("Compute " in d for d in only)
-
-
-def test_builtin_corpus_mixes_worked_solutions_with_right_bare_answers():
-    docs = list(builtin_corpus(400, seed=2, tasks=["arithmetic"]))
-    bare = [d for d in docs if "<think>\n</think><answer>" in d]
-    assert abs(len(bare) / len(docs) - BARE_ANSWER_FRAC) < 0.1  # the configured share, give or take sampling
-    for doc in bare:  # a bare answer is still the right answer, in the format the verifier accepts
-        a, op, b = doc.split("Compute ")[1].split(".")[0].split()
-        problem = P("arithmetic", a=int(a), b=int(b), op=op)
-        assert arithmetic.verify(problem, doc.split("<|assistant|>")[1]).accuracy == 1.0
-    assert not any("<think>\n</think>" in d for d in builtin_corpus(50, seed=2, bare_frac=0.0))
 
 
 def test_builtin_corpus_holds_no_eval_problem():

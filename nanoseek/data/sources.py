@@ -78,9 +78,7 @@ def describe_sources(paths: list[str], text_field: str = "text", *, seed: int = 
         kind, target = _plan(str(p))
         names.append(str(p))
         if kind == BUILTIN:
-            from nanoseek.data.tasks import BARE_ANSWER_FRAC  # the corpus's recipe is part of its identity
-
-            h.update(f"builtin:{target}:bare={BARE_ANSWER_FRAC}\0".encode())
+            h.update(f"builtin:{target}\0".encode())
             continue
         for f in _expand(Path(target)):
             st = f.stat()
