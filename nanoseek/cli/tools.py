@@ -1,4 +1,4 @@
-"""Everything around training: the demo, the cost calculator, the tokenizer, the report card and checkpoint conversion."""
+"""Around training: the demo, the cost calculator, the tokenizer, the report card and checkpoint conversion."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 
 from nanoseek.cli.common import UsageError
 
+# ---------------------------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build a model from a preset, run it, save it and load it back",
                        description="A one-minute tour of the model: build, forward, save in Hugging Face layout, reload.")
@@ -43,6 +44,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- cost
 def _add_cost(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cost", help="GPU-hours and dollars to train a config on N tokens; DeepSeek's published costs",
                        description="Training cost from FLOPs per token (active parameters + attention): hours and "
@@ -134,6 +136,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     return show({"model": args.preset or args.config, **est}, cost_tables.render_estimate(est, args.preset or args.config))
 
 
+# ---------------------------------------------------------------------------------------------- tokenizer
 def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
                        description="Tokenizer tools. `train` learns a byte-level BPE (digits split one per token) "
@@ -183,6 +186,7 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- report
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="a markdown report card with plots: cost per stage, training, evaluations",
                        description="Write report.md and PNG plots for one or more run directories: a cost table per "
@@ -216,6 +220,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- convert
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="rewrite a checkpoint: to DeepSeek's FP8 format (--fp8) or plain bf16/fp32",
                        description="Rewrite a deepseek_v3 checkpoint. With --fp8: every linear except the embedding, "

@@ -6,6 +6,7 @@ import argparse
 
 from nanoseek.cli.common import UsageError, _add_training_flags, _stage_train_config, _train_config
 
+# ---------------------------------------------------------------------------------------------- pretrain
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model (next-token + MTP) on text or the built-in corpus",
                        description="Pretrain from a preset on text/JSONL/parquet files or the built-in reasoning "
@@ -32,6 +33,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- sft
 def _add_sft(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sft", help="supervised fine-tuning on chat conversations (loss on assistant tokens)",
                        description="Fine-tune a model on a JSONL of OpenAI-format conversations ({\"messages\": "
@@ -54,6 +56,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- grpo
 def _add_grpo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grpo", help="reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO)",
                        description="GRPO from a model: G samples per prompt from the live policy, rewards from the "
@@ -111,6 +114,7 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- distill
 def _add_distill(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="distil a teacher's verified reasoning traces into a (smaller) student",
                        description="Rejection sampling + SFT (R1 section 2.4): the teacher answers --num-prompts "
@@ -165,6 +169,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- speedrun
 def _add_speedrun(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("speedrun", help="the whole recipe in one command: pretrain -> SFT -> GRPO -> eval -> report",
                        description="Train a small reasoning model from nothing on the built-in tasks: tokenizer, "

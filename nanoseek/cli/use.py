@@ -7,6 +7,7 @@ import sys
 
 from nanoseek.cli.common import UsageError, _add_sampling_flags, _engine_from_args, _sampling_kwargs
 
+# ---------------------------------------------------------------------------------------------- generate
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="batch generation from a prompts file to JSONL",
                        description="Generate an answer for every prompt in FILE (text: one prompt per line; JSONL: "
@@ -84,6 +85,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- chat
 def _add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="talk to a model in the terminal (streams; thinking shown dimmed)",
                        description="An interactive chat. Commands: /reset (forget the conversation), /budget N "
@@ -165,6 +167,7 @@ def _split_tags(text: str, tags: tuple[str, ...]) -> list[str]:
     return [p for p in re.split("(" + "|".join(map(re.escape, tags)) + ")", text) if p]
 
 
+# ---------------------------------------------------------------------------------------------- eval
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="pass@1, pass@k and maj@k on a task's held-out set or a JSONL file",
                        description="Evaluate a model on N held-out problems of a task (never seen in training) or "
@@ -206,6 +209,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- serve
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a chat page at /",
                        description="Serve MODEL over /v1/chat/completions, /v1/completions and /v1/models (OpenAI "
