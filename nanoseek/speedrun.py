@@ -233,7 +233,7 @@ def run_speedrun(plan: Plan, root: str | Path, quiet: bool = False) -> dict[str,
     # 3. GRPO (R1-Zero style) at the edge of competence
     rl = root / "grpo"
     if not _done(rl):
-        # Sequence-level loss anchored to the SFT model by a k3 KL term, at grpo's default lr (3e-5) with the
+        # Sequence-level loss anchored to the SFT model by a k3 KL term, at grpo's default lr (1e-5) with the
         # routing bias frozen: on `tiny` the DAPO token-level loss collapsed to one answer in all three 15-20
         # minute runs we made (benchmarks/RESULTS.md, issue 5).
         cfg = GRPOConfig(task=plan.task, difficulty=str(plan.difficulty), group_size=4 if plan.smoke else 8,
