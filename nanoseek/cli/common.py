@@ -9,7 +9,7 @@ class UsageError(Exception):
     """An error the user can fix; its message is the whole story."""
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
+def add_training_flags(p: argparse.ArgumentParser) -> None:
     """Flags every training stage shares (pretrain, sft, grpo, distill)."""
     # --run-dir: the same flag under a name torchrun's own parser does not mistake for its --run-path
     p.add_argument("--run", "--run-dir", dest="run", required=True,
@@ -33,7 +33,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="override a model field (e.g. hidden_size=256) or a training field (e.g. warmup_steps=50)")
 
 
-def _train_config(args: argparse.Namespace, defaults: dict | None = None):
+def train_config(args: argparse.Namespace, defaults: dict | None = None):
     """TrainConfig from defaults, then flags, then the training keys of --set."""
     import dataclasses
     import json
@@ -61,12 +61,12 @@ def _train_config(args: argparse.Namespace, defaults: dict | None = None):
     return TrainConfig(**values).validate(), model_sets
 
 
-def _stage_train_config(args: argparse.Namespace, defaults: dict, epochs_decide: bool = False):
+def stage_train_config(args: argparse.Namespace, defaults: dict, epochs_decide: bool = False):
     """TrainConfig for a stage that starts from an existing model (so --set takes training fields only). With
     `epochs_decide`, no --steps/--tokens/--minutes is fine: the stage derives the steps from --epochs."""
     limited = args.steps or args.tokens or args.minutes or any(
         o.split("=", 1)[0] in ("steps", "tokens", "minutes") for o in args.overrides)
-    cfg, model_sets = _train_config(args, defaults if limited or not epochs_decide else {**defaults, "steps": 1})
+    cfg, model_sets = train_config(args, defaults if limited or not epochs_decide else {**defaults, "steps": 1})
     if epochs_decide and not limited:
         cfg.steps = None
     if model_sets:
@@ -74,7 +74,7 @@ def _stage_train_config(args: argparse.Namespace, defaults: dict, epochs_decide:
     return cfg
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int, top_p: float = 1.0) -> None:
+def add_sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int, top_p: float = 1.0) -> None:
     p.add_argument("model", metavar="MODEL", help="a model directory (Hugging Face layout) or a run directory")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"new tokens per answer (default {max_tokens})")
     p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
@@ -88,7 +88,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, temperature: float, max_toke
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
 
 
-def _engine_from_args(args: argparse.Namespace, max_batch: int):
+def engine_from_args(args: argparse.Namespace, max_batch: int):
     import torch
 
     from nanoseek.infer.engine import Engine
@@ -98,7 +98,7 @@ def _engine_from_args(args: argparse.Namespace, max_batch: int):
     return Engine(args.model, dtype=dtype, device=device, max_batch=max_batch)
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
+def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                 thinking_budget=args.thinking_budget, min_thinking_tokens=args.min_thinking_tokens,
                 speculative=args.speculative)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanoseek.cli.common import UsageError, _add_training_flags, _stage_train_config, _train_config
+from nanoseek.cli.common import UsageError, add_training_flags, stage_train_config, train_config
 
 # ---------------------------------------------------------------------------------------------- pretrain
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", default=["builtin"], metavar="PATH",
                    help="text/JSONL/parquet files or directories, or 'builtin[:N]' (default builtin)")
     p.add_argument("--tokenizer", help="an existing tokenizer directory (default: train one on the data)")
-    _add_training_flags(p)
+    add_training_flags(p)
     p.set_defaults(func=_cmd_pretrain)
 
 
@@ -25,7 +25,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from nanoseek.config import preset
     from nanoseek.train.pretrain import DataConfig, pretrain
 
-    train_cfg, model_sets = _train_config(args)
+    train_cfg, model_sets = train_config(args)
     model_cfg = preset(args.preset).with_overrides(model_sets)
     data = DataConfig(paths=args.data, tokenizer=args.tokenizer)
     pretrain(model_cfg, train_cfg, data, args.run, resume=args.resume, price_per_hour=args.price,
@@ -43,14 +43,14 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=float, default=3.0,
                    help="passes over the data when no --steps/--tokens/--minutes is given (default 3)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="conversations held out for val_loss (default 0.05)")
-    _add_training_flags(p)
+    add_training_flags(p)
     p.set_defaults(func=_cmd_sft)
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
     from nanoseek.train.sft import TRAIN_DEFAULTS, sft
 
-    train_cfg = _stage_train_config(args, TRAIN_DEFAULTS, epochs_decide=True)
+    train_cfg = stage_train_config(args, TRAIN_DEFAULTS, epochs_decide=True)
     sft(args.init, args.data, args.run, train_cfg, resume=args.resume, epochs=args.epochs,
         val_fraction=args.val_fraction, price_per_hour=args.price)
     return 0
@@ -93,14 +93,14 @@ def _add_grpo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-difficulty", default=None, help="difficulty of the held-out problems (default --difficulty)")
     p.add_argument("--max-batch", type=int, default=64, help="sequences the engine decodes together (default 64)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    _add_training_flags(p)
+    add_training_flags(p)
     p.set_defaults(func=_cmd_grpo)
 
 
 def _cmd_grpo(args: argparse.Namespace) -> int:
     from nanoseek.train.grpo import TRAIN_DEFAULTS, GRPOConfig, grpo
 
-    train_cfg = _stage_train_config(args, TRAIN_DEFAULTS)
+    train_cfg = stage_train_config(args, TRAIN_DEFAULTS)
     cfg = GRPOConfig(task=args.task, data=args.data, difficulty=args.difficulty, reward=args.reward,
                      format_weight=args.format_weight, group_size=args.group_size,
                      prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
@@ -137,7 +137,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="teacher sampling temperature (default 0.7)")
     p.add_argument("--max-tokens", type=int, default=512, help="teacher completion cap (default 512)")
     p.add_argument("--epochs", type=float, default=3.0, help="SFT passes over the traces (default 3)")
-    _add_training_flags(p)
+    add_training_flags(p)
     p.set_defaults(func=_cmd_distill)
 
 
@@ -149,7 +149,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     if args.samples < 1 or args.num_prompts < 1:
         raise UsageError("--samples and --num-prompts must be >= 1")
-    train_cfg = _stage_train_config(args, TRAIN_DEFAULTS, epochs_decide=True)
+    train_cfg = stage_train_config(args, TRAIN_DEFAULTS, epochs_decide=True)
     teacher = resolve_model_dir(args.teacher)
     student = args.student_init
     if args.student_preset:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoseek.cli.common import UsageError, _add_sampling_flags, _engine_from_args, _sampling_kwargs
+from nanoseek.cli.common import UsageError, add_sampling_flags, engine_from_args, sampling_kwargs
 
 # ---------------------------------------------------------------------------------------------- generate
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                        description="Generate an answer for every prompt in FILE (text: one prompt per line; JSONL: "
                                    "objects with \"prompt\" or \"messages\") with continuous batching, and write one "
                                    "JSON object per prompt to --out.")
-    _add_sampling_flags(p, temperature=0.0, max_tokens=256)
+    add_sampling_flags(p, temperature=0.0, max_tokens=256)
     p.add_argument("--prompts", required=True, help="prompts file: .txt (one per line) or .jsonl")
     p.add_argument("--out", required=True, help="output JSONL file (written atomically)")
     p.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template")
@@ -55,7 +55,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     rows = _read_prompts(args.prompts)
     if not rows:
         raise UsageError(f"prompts file {args.prompts} holds no prompts")
-    engine = _engine_from_args(args, args.max_batch)
+    engine = engine_from_args(args, args.max_batch)
     t0 = time.perf_counter()
     # chat and plain prompts may be mixed in one file: run each kind as its own batch, keep the file's order
     outputs: list = [None] * len(rows)
@@ -63,7 +63,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         idx = [i for i, (_, c, _) in enumerate(rows) if (c or args.chat) == chat]
         if idx:
             outs = engine.generate([rows[i][0] for i in idx], max_tokens=args.max_tokens, chat=chat, progress=True,
-                                   **_sampling_kwargs(args))
+                                   **sampling_kwargs(args))
             for i, o in zip(idx, outs):
                 outputs[i] = o
     elapsed = time.perf_counter() - t0
@@ -90,7 +90,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="talk to a model in the terminal (streams; thinking shown dimmed)",
                        description="An interactive chat. Commands: /reset (forget the conversation), /budget N "
                                    "(thinking budget; /budget off), /quit. Reads piped stdin too.")
-    _add_sampling_flags(p, temperature=0.6, max_tokens=512, top_p=0.95)  # R1's recommended sampling
+    add_sampling_flags(p, temperature=0.6, max_tokens=512, top_p=0.95)  # R1's recommended sampling
     p.add_argument("--system", default=None, help="a system message")
     p.set_defaults(func=_cmd_chat)
 
@@ -100,13 +100,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     from nanoseek.infer.engine import END_THINK, THINK
 
-    engine = _engine_from_args(args, max_batch=1)
+    engine = engine_from_args(args, max_batch=1)
     if engine.tokenizer is None:
         raise UsageError(f"{args.model} has no tokenizer (tokenizer.json), so it cannot chat; use `nanoseek generate` "
                          f"with token-id prompts")
     console, err = Console(highlight=False), Console(stderr=True, highlight=False)
     interactive = sys.stdin.isatty()
-    kwargs = _sampling_kwargs(args)
+    kwargs = sampling_kwargs(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     if interactive:
