@@ -134,7 +134,7 @@ def main() -> None:
 
 `python benchmarks/fp8_parity.py --preset {args.preset} --steps {args.steps} --batch-size {args.batch_size} \
 --seq-len {args.seq_len} --docs {args.docs}` on {platform.processor() or platform.machine()}, \
-{torch.get_num_threads()} threads, torch {torch.__version__}. FP8 is the CPU emulation (quantise to e4m3 with \
+one thread per run, {workers} runs at a time, torch {torch.__version__}. FP8 is the CPU emulation (quantise to e4m3 with \
 DeepSeek's scales, multiply in fp32); no GPU was available, so the Hopper speed target (FP8 >= 1.3x bf16 tokens/s) \
 is not measured.
 
