@@ -35,7 +35,8 @@ DEFAULT_BUILTIN_DOCS = 20_000
 BUILTIN = "builtin"
 
 
-def read_documents(paths: list[str], text_field: str = "text", *, seed: int = 0) -> Iterator[str]:
+def read_documents(paths: list[str], text_field: str = "text", *, seed: int = 0,
+                   builtin_docs: int = DEFAULT_BUILTIN_DOCS) -> Iterator[str]:
     """Yield every document in `paths`, in order. `seed` only affects the built-in task corpus.
 
     Paths are checked up front (so a typo fails before any work is done); a stream that ends up with no
@@ -45,7 +46,7 @@ def read_documents(paths: list[str], text_field: str = "text", *, seed: int = 0)
         paths = [paths]  # a single path is an easy mistake to forgive
     if not paths:
         raise ValueError("No data paths given; pass at least one file, directory, or 'builtin'.")
-    plan = [_plan(str(p)) for p in paths]  # validates every path now, before any reading
+    plan = [_plan(str(p), builtin_docs) for p in paths]  # validates every path now, before any reading
     return _stream(plan, paths, text_field, seed)
 
 
@@ -64,7 +65,8 @@ def _stream(plan, paths, text_field: str, seed: int) -> Iterator[str]:
         raise ValueError(f"No documents found in {_join(paths)}: every input is empty; add text or check the paths.")
 
 
-def describe_sources(paths: list[str], text_field: str = "text", *, seed: int = 0) -> str:
+def describe_sources(paths: list[str], text_field: str = "text", *, seed: int = 0,
+                     builtin_docs: int = DEFAULT_BUILTIN_DOCS) -> str:
     """A one-line description of the inputs that changes whenever their content may have changed.
 
     Used as the shard cache key: it names the inputs for people and ends with a hash of every file's path,
@@ -75,7 +77,7 @@ def describe_sources(paths: list[str], text_field: str = "text", *, seed: int = 
     h = hashlib.sha256(f"text_field={text_field}\0seed={seed}\0".encode())
     names, files, size = [], 0, 0
     for p in paths:
-        kind, target = _plan(str(p))
+        kind, target = _plan(str(p), builtin_docs)
         names.append(str(p))
         if kind == BUILTIN:
             h.update(f"builtin:{target}\0".encode())
@@ -92,10 +94,10 @@ def describe_sources(paths: list[str], text_field: str = "text", *, seed: int = 
 # --------------------------------------------------------------------------------------------- path handling
 
 
-def _plan(path: str) -> tuple[str, object]:
+def _plan(path: str, builtin_docs: int = DEFAULT_BUILTIN_DOCS) -> tuple[str, object]:
     """Check one input path and say how to read it: ('builtin', (N, tasks or None)) or ('file', Path)."""
     if path == BUILTIN or path.startswith(BUILTIN + ":"):
-        return BUILTIN, _builtin_spec(path)
+        return BUILTIN, _builtin_spec(path, builtin_docs)
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"Data path {path} does not exist; check the path (or use 'builtin' for the task corpus).")
@@ -111,12 +113,12 @@ def _plan(path: str) -> tuple[str, object]:
     return "file", p
 
 
-def _builtin_spec(path: str) -> tuple[int, tuple[str, ...] | None]:
-    """'builtin[:N][:TASK,...]' -> (N, tasks); tasks None means every task."""
+def _builtin_spec(path: str, default_docs: int) -> tuple[int, tuple[str, ...] | None]:
+    """'builtin[:N][:TASK,...]' -> (N, tasks); N defaults to `default_docs`, tasks None means every task."""
     from nanoseek.data.tasks import TASKS
 
     fields = path.split(":")[1:]
-    n, tasks = DEFAULT_BUILTIN_DOCS, None
+    n, tasks = default_docs, None
     if fields and fields[0].isdigit() and int(fields[0]) > 0:
         n = int(fields.pop(0))
     if fields and all(name in TASKS for name in fields[0].split(",")):

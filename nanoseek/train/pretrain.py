@@ -79,7 +79,8 @@ def prepare_tokenizer(data: DataConfig, run_dir: Path, vocab_size: int) -> Token
     elif (target / "tokenizer.json").exists():
         return Tokenizer.load(target)
     else:
-        docs = itertools.islice(read_documents(_expand_builtin(data), data.text_field, seed=data.seed),
+        docs = itertools.islice(read_documents(data.paths, data.text_field, seed=data.seed,
+                                                   builtin_docs=data.builtin_docs),
                                 data.tokenizer_docs)
         tok = Tokenizer.train(docs, vocab_size)
     if tok.vocab_size > vocab_size:
@@ -89,23 +90,13 @@ def prepare_tokenizer(data: DataConfig, run_dir: Path, vocab_size: int) -> Token
     return tok
 
 
-def _expand_builtin(data: DataConfig) -> list[str]:
-    """'builtin' and 'builtin:TASK' get the config's document count: 'builtin:60000', 'builtin:60000:TASK'."""
-    def expand(path: str) -> str:
-        head, *rest = path.split(":")
-        if head != "builtin" or (rest and rest[0].isdigit()):
-            return path
-        return ":".join(["builtin", str(data.builtin_docs), *rest])
-    return [expand(p) for p in data.paths]
-
-
 def prepare_shards(data: DataConfig, run_dir: Path, tokenizer: Tokenizer, model_vocab: int) -> ShardInfo:
-    paths = _expand_builtin(data)
-    info = build_shards(read_documents(paths, data.text_field, seed=data.seed),
+    paths, where = data.paths, dict(seed=data.seed, builtin_docs=data.builtin_docs)
+    info = build_shards(read_documents(paths, data.text_field, **where),
                         TokenizerEncoder(run_dir / "tokenizer"), run_dir / "data",
                         eos_id=tokenizer.eos_id, bos_id=tokenizer.bos_id, vocab_size=tokenizer.vocab_size,
                         val_fraction=data.val_fraction, seed=data.seed,
-                        source=describe_sources(paths, data.text_field, seed=data.seed))
+                        source=describe_sources(paths, data.text_field, **where))
     check_vocab(info, model_vocab)
     return info
 
