@@ -119,6 +119,8 @@ def test_continuous_batching_requests_joining_at_different_steps_equal_reference
         for e in engine.step():
             if e.finished:
                 outputs[ids[e.request_id]] = e.output
+        # finished requests free their slots and the rest close ranks: decoding reads the cache as one view
+        assert sorted(s.slot for s in engine.running) == list(range(len(engine.running)))
         if len(outputs) == len(prompts):
             break
     assert not engine.has_unfinished() and sorted(engine.free_slots) == [0, 1, 2]
@@ -126,6 +128,20 @@ def test_continuous_batching_requests_joining_at_different_steps_equal_reference
         assert outputs[i].token_ids == _reference(model, p, lengths[i])[0], f"request {i}"
     if speculative:
         assert sum(o.num_accepted for o in outputs.values()) > 0
+
+
+def test_prefill_groups_prompts_of_similar_length():
+    from nanoseek.infer.engine import PREFILL_FILL, PREFILL_TOKENS, _by_length, _Seq
+
+    lengths = [3, 364, 300, 20, 290, 18, 100, 95, 2000, 9000] + [60] * 200
+    seqs = [_Seq(str(i), [1] * n, SamplingParams(), False) for i, n in enumerate(lengths)]
+    groups = _by_length(seqs)
+    assert sorted(len(s.prompt) for g in groups for s in g) == sorted(lengths)  # every prompt, once
+    for g in groups:
+        longest = len(g[0].prompt)
+        assert all(len(s.prompt) >= PREFILL_FILL * longest for s in g)  # padding wastes at most a fifth
+        assert len(g) == 1 or len(g) * longest <= PREFILL_TOKENS
+    assert [len(s.prompt) for s in groups[0]] == [9000]  # alone: longer than a forward's budget
 
 
 def test_rigged_mtp_drafts_are_accepted_and_counted_consistently():

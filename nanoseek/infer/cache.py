@@ -1,4 +1,5 @@
-"""The latent KV cache: per layer and token, only MLA's normalised c_kv and roped k_pe.
+"""The latent KV cache: per layer and token, only MLA's normalised c_kv and roped k_pe, side by side in one
+vector of kv_lora_rank + qk_rope_head_dim values (absorbed attention uses it as both key and value).
 
 Storage is slot-based for continuous batching: `num_slots` sequences of up to `max_len` tokens each. Before a
 forward pass the engine `bind`s which slots the batch rows use and the position of every new token; each layer
@@ -20,12 +21,12 @@ class LatentCache:
         self.num_layers = config.num_hidden_layers + (config.num_nextn_predict_layers if include_mtp else 0)
         self.num_main_layers = config.num_hidden_layers
         self.max_len = max_len
-        shape = (self.num_layers, num_slots, max_len)
-        self.c_kv = torch.zeros(*shape, config.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(*shape, config.qk_rope_head_dim, dtype=dtype, device=device)
+        self.latent = torch.zeros(self.num_layers, num_slots, max_len, config.latent_cache_dim, dtype=dtype,
+                                  device=device)  # [..., :kv_lora_rank] is c_kv, the rest k_pe
         self.slots: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.span = 0  # keys 0..span-1 are read back: the furthest bound position + 1
+        self.block: tuple[int, int] | None = None  # the bound slots as a range, when they form one
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -34,19 +35,29 @@ class LatentCache:
 
     def bind(self, slots: torch.Tensor, positions: torch.Tensor) -> "LatentCache":
         """Rows of the next forward use `slots` [B]; its tokens sit at `positions` [B, T]."""
-        # The one host sync of a forward, here rather than in every layer (a compiled step sees a plain int).
+        # The host syncs of a forward, here rather than in every layer (a compiled step sees plain ints).
         self.span = int(positions.max()) + 1
         if self.span > self.max_len:
             raise ValueError(f"sequence would reach {self.span} tokens but the cache holds {self.max_len}; "
                              f"raise max_len or shorten the request")
-        self.slots, self.positions = slots.to(self.c_kv.device), positions.to(self.c_kv.device)
+        self.slots, self.positions = slots.to(self.latent.device), positions.to(self.latent.device)
+        # Rows in consecutive slots (the engine keeps its running batch so) are read as a view of the cache;
+        # any other set of slots has to be gathered, a copy of everything the batch attends to, in every layer.
+        first = int(slots[0]) if len(slots) else 0
+        self.block = (first, first + len(slots)) if slots.tolist() == list(range(first, first + len(slots))) else None
         return self
 
-    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, read: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Store the new tokens' latents; with `read`, return what the rows may attend to (see LatentCacheView)."""
         slots, pos = self.slots, self.positions
-        rows = slots[:, None].expand_as(pos)
-        self.c_kv[layer, rows, pos] = c_kv.to(self.c_kv.dtype)
-        self.k_pe[layer, rows, pos] = k_pe.to(self.k_pe.dtype)
-        span = self.span
-        mask = torch.arange(span, device=pos.device)[None, None, :] <= pos[:, :, None]
-        return self.c_kv[layer, slots, :span], self.k_pe[layer, slots, :span], mask
+        self.latent[layer, slots[:, None].expand_as(pos), pos] = torch.cat((c_kv, k_pe), dim=-1).to(self.latent.dtype)
+        if not read:
+            return None
+        mask = torch.arange(self.span, device=pos.device)[None, None, :] <= pos[:, :, None]
+        which = slice(*self.block) if self.block is not None else slots
+        return self.latent[layer, which, : self.span], mask
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` to slot `dst`, in every layer."""
+        self.latent[:, dst, :length] = self.latent[:, src, :length]

@@ -29,9 +29,10 @@ from nanoseek.model.rope import apply_rope
 class LatentCacheView(Protocol):
     """What attention needs from a KV cache (implemented by `nanoseek.infer.cache.LatentCache`)."""
 
-    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store the new tokens' latents; return all cached (c_kv [B,S,C], k_pe [B,S,R]) for these sequences and
-        the boolean mask [B, T, S] of keys each new query may see."""
+    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, read: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Store the new tokens' latents; with `read`, return everything cached for these sequences as
+        [c_kv | k_pe] [B, S, C + R] and the boolean mask [B, T, S] of keys each new query may see."""
         ...
 
 
@@ -78,10 +79,11 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_pe = self.latents(x, cos, sin)
         if cache is None:
             return self.o_proj(self._full(q_nope, q_pe, c_kv, k_pe))
-        c_all, k_all, mask = cache.update(self.layer_idx, c_kv, k_pe)
         if full:  # a fresh prompt: its own tokens are the whole context, so the fast expanded path applies
+            cache.update(self.layer_idx, c_kv, k_pe, read=False)
             return self.o_proj(self._full(q_nope, q_pe, c_kv, k_pe))
-        return self.o_proj(self._absorbed(q_nope, q_pe, c_all, k_all, mask))
+        latent, mask = cache.update(self.layer_idx, c_kv, k_pe)
+        return self.o_proj(self._absorbed(q_nope, q_pe, latent, mask))
 
     def _full(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
@@ -105,16 +107,19 @@ class MultiHeadLatentAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True, scale=self.scale)[..., :-pad]
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
-        """Attention over cached latents: MQA with key dim C + R and value dim C, one shared K/V 'head'."""
+    def _absorbed(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
+        """Attention over cached latents [c_kv | k_pe] [B, S, C + R]: one key/value 'head' shared by all heads."""
         B, T, H, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        C, S = self.kv_lora_rank, latent.shape[1]
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, C)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk.to(q_nope.dtype))
-        scores = torch.einsum("bthc,bsc->bhts", q_latent, c_kv.to(q_latent.dtype))
-        scores = scores + torch.einsum("bthr,bsr->bhts", q_pe, k_pe.to(q_pe.dtype))
-        scores = (scores.float() * self.scale).masked_fill(~mask[:, None], float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
-        out = torch.einsum("bthc,hvc->bthv", o_latent.to(w_uv.dtype), w_uv)
+        # logit = [q_nope W_UK | q_pe] . [c_kv | k_pe]. Since every head reads the same keys, the T x H queries
+        # are rows of one single-head attention (one fused kernel); the value is the latent too, and the output's
+        # k_pe columns are dropped. The mask is per query position, repeated for each head.
+        q = torch.cat((q_latent, q_pe.to(q_latent.dtype)), dim=-1).reshape(B, 1, T * H, C + self.rope)
+        kv = latent[:, None].to(q.dtype)
+        visible = mask[:, :, None].expand(B, T, H, S).reshape(B, 1, T * H, S)
+        o_latent = F.scaled_dot_product_attention(q, kv, kv, attn_mask=visible, scale=self.scale)[..., :C]
+        out = torch.einsum("bthc,hvc->bthv", o_latent.reshape(B, T, H, C).to(w_uv.dtype), w_uv)
         return out.reshape(B, T, H * self.v_dim).to(q_nope.dtype)
