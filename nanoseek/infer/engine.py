@@ -38,7 +38,7 @@ THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</ans
 # Prefill forwards hold at most this many (padded) tokens, and a prompt joins a forward only if it is at least
 # PREFILL_FILL of the longest prompt there: 64 mixed-length prompts padded to the longest wasted over half the
 # prefill work (measured); grouped by length it wastes at most a fifth, for a few more small forwards.
-PREFILL_TOKENS, PREFILL_FILL = 8192, 0.8
+PREFILL_TOKENS, PREFILL_FILL = 8192, 0.9
 
 
 @dataclass
