@@ -145,8 +145,14 @@ def main() -> None:
     prompt = torch.randint(10, spec_cfg.vocab_size, (1, args.prompt_len), generator=g).tolist()
     if trained and spec_engine.tokenizer is not None:
         prompt = [spec_engine.tokenizer.render_chat_ids([{"role": "user", "content": "What is 12+30?"}])]
-    base_tps, base_outs = time_ours(spec_engine, prompt, args.new_tokens, args.device)
-    spec_tps, spec_outs = time_ours(spec_engine, prompt, args.new_tokens, args.device, speculative=True)
+    # Alternate plain and speculative runs and keep each one's best of three: one 128-token run at batch 1 takes
+    # about a second, so a single pair is at the mercy of anything else on the machine.
+    base_tps = spec_tps = 0.0
+    for _ in range(3):
+        tps, base_outs = time_ours(spec_engine, prompt, args.new_tokens, args.device)
+        base_tps = max(base_tps, tps)
+        tps, spec_outs = time_ours(spec_engine, prompt, args.new_tokens, args.device, speculative=True)
+        spec_tps = max(spec_tps, tps)
     acc = spec_outs[0].acceptance_rate
     identical = spec_outs[0].token_ids == base_outs[0].token_ids
     label = f"trained checkpoint `{trained}`" if trained else "random weights (no trained checkpoint under runs/ yet)"
@@ -187,13 +193,17 @@ def main() -> None:
     ]
     worst = min(o / h for _, o, h, _ in rows)
     if worst < 10:
-        lines += [f"Target >= 10x at both batch sizes: **not met** (worst {worst:.1f}x). Profile (torch.profiler, batch 1): "
-                  "a decode step is ~800 small aten ops; both sides are bound by per-op overhead, not FLOPs or bytes "
-                  "(the model forward alone is ~95% of our step; sampling and bookkeeping are the rest). Done since: "
-                  "a CPU path for fewer (token, expert) pairs than experts that runs only the chosen experts in "
-                  "place (about 1.3x faster MoE for one token). Tried: torch.compile of the whole decode step "
-                  "(dynamic shapes) took 125 s to compile and gained ~10% at batch 1 on this CPU (measured while the "
-                  "machine was busy), so it is not used. Next: CUDA graphs on GPU, bf16 weights on GPU.", ""]
+        lines += [f"Target >= 10x at both batch sizes: **not met** (worst {worst:.1f}x). On this CPU a batch-1 decode "
+                  "step is bound by per-op overhead and by reading the weights (about 10 GB/s on one core), a "
+                  "batch-16 step by small matrix products and attention reading the cache; a 10x margin over "
+                  "transformers' eager loop is not there to take without compiled kernels. Done: absorbed attention "
+                  "as one fused single-head SDPA over [c_kv | k_pe] (all heads share the latent), the running batch "
+                  "kept in slots 0..n-1 so decode reads the cache as a view instead of gathering it in every layer, "
+                  "prefill in groups of similar length, and a CPU path that runs only the chosen experts for one "
+                  "token. Tried: torch.compile of a static-shape decode step (full-span cache, dense experts) ran "
+                  "batch 1 at 5.8 ms/step against 19 ms for the same code eager, but took 46-75 s to compile per "
+                  "batch size and gave no gain at batch 16, so the engine does not use it. Next: CUDA graphs and "
+                  "bf16 weights on a GPU.", ""]
     if not trained:
         lines += ["The trained-checkpoint MTP figure is **pending**: no trained checkpoint with MTP weights existed under "
                   "`runs/` when this ran. A random model's MTP drafts are almost never accepted, so this row shows "
