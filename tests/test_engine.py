@@ -139,7 +139,7 @@ def test_prefill_groups_prompts_of_similar_length():
     assert sorted(len(s.prompt) for g in groups for s in g) == sorted(lengths)  # every prompt, once
     for g in groups:
         longest = len(g[0].prompt)
-        assert all(len(s.prompt) >= PREFILL_FILL * longest for s in g)  # padding wastes at most a fifth
+        assert all(len(s.prompt) >= PREFILL_FILL * longest for s in g)  # padding wastes at most 1 - PREFILL_FILL
         assert len(g) == 1 or len(g) * longest <= PREFILL_TOKENS
     assert [len(s.prompt) for s in groups[0]] == [9000]  # alone: longer than a forward's budget
 

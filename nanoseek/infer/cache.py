@@ -43,8 +43,9 @@ class LatentCache:
         self.slots, self.positions = slots.to(self.latent.device), positions.to(self.latent.device)
         # Rows in consecutive slots (the engine keeps its running batch so) are read as a view of the cache;
         # any other set of slots has to be gathered, a copy of everything the batch attends to, in every layer.
-        first = int(slots[0]) if len(slots) else 0
-        self.block = (first, first + len(slots)) if slots.tolist() == list(range(first, first + len(slots))) else None
+        rows = slots.tolist()
+        first = rows[0] if rows else 0
+        self.block = (first, first + len(rows)) if rows == list(range(first, first + len(rows))) else None
         return self
 
     def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, read: bool = True

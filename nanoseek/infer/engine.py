@@ -7,9 +7,8 @@ One `Engine` owns a model and a `LatentCache` with `max_batch` slots. Requests w
    cache, each row at its own position), or [B, 2] when speculating: the pending token plus the MTP draft.
 Finished requests leave at once and free their slot for the next step; the request in the highest slot moves
 into it, so the running batch always holds slots 0..n-1 and attention reads the cache as a view, not a copy.
-Everything rests on the cache's rule
-that a key is visible iff its position is <= the query's: padding, rejected drafts and a freed slot's old
-contents are simply overwritten later and never need clearing.
+Everything rests on the cache's rule that a key is visible iff its position is <= the query's: padding, rejected
+drafts and a freed slot's old contents are simply overwritten later and never need clearing.
 
 Speculation (one MTP module, one draft token): MTP module 0 at position i reads the main model's hidden state
 h_i and the embedding of token t_{i+1} and predicts t_{i+2}. After each verify step the engine runs the MTP
@@ -37,7 +36,7 @@ from nanoseek.model.transformer import DeepseekV3ForCausalLM
 THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
 # Prefill forwards hold at most this many (padded) tokens, and a prompt joins a forward only if it is at least
 # PREFILL_FILL of the longest prompt there: 64 mixed-length prompts padded to the longest wasted over half the
-# prefill work (measured); grouped by length it wastes at most a fifth, for a few more small forwards.
+# prefill work (measured); grouped by length it wastes at most a tenth, for a few more small forwards.
 PREFILL_TOKENS, PREFILL_FILL = 8192, 0.9
 
 
