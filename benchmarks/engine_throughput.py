@@ -33,6 +33,13 @@ from nanoseek.model.transformer import DeepseekV3ForCausalLM  # noqa: E402
 from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## Inference engine (issue 4)"
+# Measured once with cProfile on `runs/base` (not by this script): what a speculative step costs and why.
+MTP_PROFILE = (
+    "Why MTP gains less than its acceptance rate suggests (cProfile, batch 1, `runs/base`): a verify step runs the "
+    "main model over 2 tokens, and with top-2 routing those usually need more experts than one token, so the MoE "
+    "work nearly doubles (0.59 against 0.33 ms per layer) and the verify forward costs 1.3x a plain one; the MTP "
+    "module adds 2.6 ms against a 9.2 ms plain step. 1.97 tokens per step for 1.6x the time is about 1.2x; 1.5x "
+    "would need the verify step to cost what a plain step does.")
 
 
 def sync(device: str) -> None:
@@ -191,6 +198,8 @@ def main() -> None:
         f"| {label} | {acc:.1%} | {base_tps:.1f} | {spec_tps:.1f} | {spec_tps / base_tps:.2f}x | {identical} |",
         "",
     ]
+    if trained:
+        lines += [MTP_PROFILE, ""]
     worst = min(o / h for _, o, h, _ in rows)
     if worst < 10:
         lines += [f"Target >= 10x at both batch sizes: **not met** (worst {worst:.1f}x). On this CPU a batch-1 decode "
