@@ -2,12 +2,14 @@
 
     python benchmarks/server_load.py                      # tiny preset, random weights, CPU
     python benchmarks/server_load.py --model runs/tiny    # a trained run instead
+    python benchmarks/server_load.py --new-tokens 64,256  # reasoning-length answers instead of 8-64 tokens
     python benchmarks/server_load.py --device cuda
 
 The server runs as its own process (`python -m nanoseek serve`, bound to 127.0.0.1 on a free port), so client and
-server do not share a GIL. Every request streams (SSE) with a different prompt length and a fixed number of new
-tokens (ignore_eos, so both runs make exactly the same tokens); tokens/s = completion tokens / wall time of the
-whole run. A request counts as an error unless it answers 200, ends with `data: [DONE]` and reports the expected
+server do not share a GIL; one server per `--threads` value (1 and 2 by default), since on a small machine the
+clients compete with the server's threads. Every request streams (SSE) with a different prompt length and a
+fixed number of new tokens (ignore_eos, so both runs make exactly the same tokens); tokens/s = completion
+tokens / wall time of the whole run. A request counts as an error unless it answers 200, ends with `data: [DONE]` and reports the expected
 completion tokens in its include_usage chunk. All traffic goes to 127.0.0.1; counts and time are bounded.
 """
 
