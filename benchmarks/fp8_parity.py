@@ -68,10 +68,10 @@ def paired_gaps(base: Path, other: Path, windows: int = 8) -> list[tuple[int, in
     which a single final held-out figure cannot do."""
     a, b = train_losses(base), train_losses(other)
     steps = sorted(a.keys() & b.keys())
-    size = max(1, len(steps) // windows)
+    windows = max(1, min(windows, len(steps)))
     out = []
-    for i in range(0, len(steps) - size + 1, size):
-        w = steps[i:i + size]
+    for i in range(windows):  # equal windows covering every step
+        w = steps[i * len(steps) // windows:(i + 1) * len(steps) // windows]
         out.append((w[0], w[-1], sum(b[k] - a[k] for k in w) / sum(a[k] for k in w)))
     return out
 
@@ -153,7 +153,7 @@ def main() -> None:
     gap_rows = "\n".join(f"| {lo}-{hi} | {100 * g:+.2f}% | {100 * n:+.2f}% |"
                           for (lo, hi, g), (_, _, n) in zip(fp8_gaps, noise_gaps))
     late_noise = max(abs(n) for _, _, n in noise_gaps[len(noise_gaps) // 2:])
-    paired = (f"Over the last {fp8_gaps[-1][1] - fp8_gaps[-1][0] + 1} steps FP8's training loss is "
+    paired = (f"Over steps {fp8_gaps[-1][0]}-{fp8_gaps[-1][1]} FP8's training loss is "
               f"{100 * fp8_gaps[-1][2]:+.2f}% from fp32's; in the second half of training the other seed never "
               f"strays more than {100 * late_noise:.2f}%.")
     verdict = ("FP8's difference is within the seed-to-seed spread, so at this length it cannot be told from "
