@@ -19,7 +19,6 @@ matmuls are ~50x slower than fp32 on this CPU): the comparison isolates the weig
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -34,6 +33,7 @@ from nanoseek.checkpoint import load_model, save_model
 from nanoseek.config import preset
 from nanoseek.data.shards import iter_eval_batches, load_shards
 from nanoseek.fp8_infer import convert_checkpoint, load_fp8_model, weight_bytes
+from nanoseek.report import read_metrics
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import DataConfig, prepare_tokenizer, pretrain
 from results_md import write_section  # noqa: E402 (benchmarks/ is the script's directory)
@@ -58,8 +58,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def train_losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r and "step" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")[0] if "loss" in r and "step" in r}
 
 
 def paired_gaps(base: Path, other: Path, windows: int = 8) -> list[tuple[int, int, float]]:

@@ -152,8 +152,13 @@ def main() -> None:
                     "answers; reasoning traces run to hundreds)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     args = ap.parse_args()
-    thread_counts = [int(t) for t in args.threads.split(",")]
-    args.new_tokens = tuple(int(t) for t in args.new_tokens.split(","))
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+        args.new_tokens = tuple(int(t) for t in args.new_tokens.split(","))
+    except ValueError:
+        ap.error("--threads takes integers like 1,2 and --new-tokens two integers like 8,64")
+    if min(thread_counts) < 1 or len(args.new_tokens) != 2 or not 1 <= args.new_tokens[0] <= args.new_tokens[1]:
+        ap.error("--threads must be >= 1 and --new-tokens MIN,MAX with 1 <= MIN <= MAX")
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -183,7 +183,7 @@ class Engine:
         self.end_think_id = tok.end_think_id if tok is not None else None
         self.wait_ids = tok.encode("Wait") if tok is not None else []
         self.waiting: deque[_Seq] = deque()
-        self.running: list[_Seq] = []  # requests in slots 0..len-1, one each
+        self.running: list[_Seq] = []  # running[i] is the request in cache slot i
         self._ids = itertools.count()
 
     @property
@@ -256,7 +256,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """Admit and prefill waiting requests, decode the running ones by one step; report what happened."""
-        decoding = sorted(self.running, key=lambda s: s.slot)  # rows in slot order: one view of the cache
+        decoding = list(self.running)  # rows in slot order: one view of the cache
         admitted = []
         while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting.popleft()
@@ -285,11 +285,11 @@ class Engine:
 
     def _release(self, s: _Seq) -> None:
         """Free s's slot; the request in the highest slot moves into it (its cached tokens are copied)."""
-        last = max(self.running, key=lambda r: r.slot)
-        self.running.remove(s)
+        last = self.running.pop()
         if last is not s:
             self.cache.move(last.slot, s.slot, last.n_cached)
             last.slot = s.slot
+            self.running[s.slot] = last
 
     def generate(self, prompts: Sequence[str | list[int] | list[dict]], max_tokens: int = 256, *, chat: bool = False,
                  progress: bool = False, **params) -> list[Output]:
