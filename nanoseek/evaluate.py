@@ -85,13 +85,18 @@ def _engine(model_or_engine, tokenizer, max_tokens: int, max_batch: int) -> Engi
     return engine
 
 
-def _sampling(samples: int, temperature: float | None) -> float:
-    """Greedy for one sample; R1's evaluation temperature (0.6) when several are drawn."""
+def _sampling(samples: int, temperature: float | None, top_p: float | None) -> tuple[float, float]:
+    """(temperature, top_p): greedy for one sample; R1's evaluation sampling (0.6, top-p 0.95) when several are
+    drawn."""
     if temperature is None:
-        return 0.0 if samples == 1 else 0.6
+        temperature = 0.0 if samples == 1 else 0.6
     if samples > 1 and temperature == 0:
         raise ValueError("--samples > 1 with --temperature 0 draws the same answer k times; give a temperature > 0")
-    return temperature
+    if top_p is None:
+        top_p = 1.0 if temperature == 0 else 0.95
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    return temperature, top_p
 
 
 def _score_rows(rows: list[dict], outputs: list, samples: int, judge) -> dict[str, Any]:
@@ -132,7 +137,7 @@ def _score_rows(rows: list[dict], outputs: list, samples: int, judge) -> dict[st
 
 
 def evaluate_rows(model_or_engine, tokenizer, rows: list[dict], task: Task | str | None = None, samples: int = 1,
-                  temperature: float | None = None, thinking_budget: int | None = None, seed: int = 0,
+                  temperature: float | None = None, top_p: float | None = None, thinking_budget: int | None = None, seed: int = 0,
                   max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = 32, progress: bool = False
                   ) -> dict[str, Any]:
     """Evaluate rows {"prompt", "answer"[, "problem"]}. A row carrying a task problem is judged by the task's
@@ -142,7 +147,7 @@ def evaluate_rows(model_or_engine, tokenizer, rows: list[dict], task: Task | str
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
     task = get_task(task) if isinstance(task, str) else task
-    temp = _sampling(samples, temperature)
+    temp, top_p = _sampling(samples, temperature, top_p)
     engine = _engine(model_or_engine, tokenizer, max_tokens, max_batch)
 
     def judge(row: dict, text: str | None, answer: str | None = None) -> tuple[bool, str | None]:
@@ -159,16 +164,16 @@ def evaluate_rows(model_or_engine, tokenizer, rows: list[dict], task: Task | str
         messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
         prompts += [messages] * samples
     t0 = time.perf_counter()
-    outputs = engine.generate(prompts, max_tokens=max_tokens, chat=True, temperature=temp, seed=seed,
-                              thinking_budget=thinking_budget, progress=progress)
-    summary = {"task": getattr(task, "NAME", None), "temperature": temp, "thinking_budget": thinking_budget,
+    outputs = engine.generate(prompts, max_tokens=max_tokens, chat=True, temperature=temp, top_p=top_p,
+                              seed=seed, thinking_budget=thinking_budget, progress=progress)
+    summary = {"task": getattr(task, "NAME", None), "temperature": temp, "top_p": top_p, "thinking_budget": thinking_budget,
                "max_tokens": max_tokens, "seed": seed, **_score_rows(rows, outputs, samples, judge)}
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
 
 def evaluate_task(model_or_engine, tokenizer, task: Task | str, num: int = 100, difficulty=None, samples: int = 1,
-                  temperature: float | None = None, thinking_budget: int | None = None, seed: int = 0,
+                  temperature: float | None = None, top_p: float | None = None, thinking_budget: int | None = None, seed: int = 0,
                   max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = 32, progress: bool = False
                   ) -> dict[str, Any]:
     """pass@1 / pass@k / maj@k on `num` held-out problems of `task` (difficulty: an int, "3,4" or a list).
@@ -180,8 +185,8 @@ def evaluate_task(model_or_engine, tokenizer, task: Task | str, num: int = 100, 
         raise ValueError(f"--num must be >= 1, got {num}")
     problems = task_problems(task, num, difficulty, seed)
     rows = [{"prompt": task.prompt(p), "problem": p.to_dict(), "difficulty": p.difficulty} for p in problems]
-    summary = evaluate_rows(model_or_engine, tokenizer, rows, task, samples, temperature, thinking_budget, seed,
-                            max_tokens, max_batch, progress)
+    summary = evaluate_rows(model_or_engine, tokenizer, rows, task, samples, temperature, top_p, thinking_budget,
+                            seed, max_tokens, max_batch, progress)
     summary["difficulty"] = parse_difficulties(difficulty) or [task.DEFAULT_DIFFICULTY]
     return summary
 

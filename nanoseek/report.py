@@ -28,7 +28,7 @@ from nanoseek.config import ModelConfig
 # key was logged; the others are drawn on the same axes when present.
 RL_PANELS = [
     (("reward", "reward_std"), "reward (mean over rollouts, +-1 std)", "reward"),
-    (("accuracy", "format_rate", "eval_accuracy"), "accuracy and format", "fraction"),
+    (("accuracy", "format_rate", "eval_accuracy", "eval_sampled_pass@1"), "accuracy and format", "fraction"),
     (("response_length",), "response length", "tokens"),
     (("kl",), "KL to the reference", "KL (nats)"),
     (("entropy",), "policy entropy", "nats/token"),

@@ -24,6 +24,7 @@ from nanoseek.atomic import atomic_write_json, atomic_write_text
 # Shares of the training time left (evaluation and data preparation are paid for out of the same clock).
 STAGE_SHARES = {"pretrain": 0.60, "sft": 0.10, "grpo": 0.30}
 EVAL_TASK = "arithmetic"
+MASTERED = 0.9  # greedy pass@1 at which a difficulty counts as learnt
 
 
 @dataclass
@@ -119,8 +120,16 @@ def _eval(stage_dir: Path, plan: Plan, difficulty, say) -> dict[str, Any]:
     return result
 
 
+def edge_of_competence(accuracy: dict[str, float], mastered: float = MASTERED) -> int:
+    """The easiest difficulty the model has not mastered (greedy pass@1 below `mastered`); the hardest one if it
+    has mastered them all. Training at a mastered level leaves RL nothing to learn (the speedrun4 run in
+    benchmarks/RESULTS.md trained GRPO at a level already at 100%)."""
+    levels = sorted(int(d) for d in accuracy)
+    return next((d for d in levels if accuracy[str(d)] < mastered), levels[-1])
+
+
 def _probe(model_dir: Path, plan: Plan, path: Path, say) -> int:
-    """The edge of competence: the hardest difficulty whose greedy pass@1 is still >= 0.1 (else the easiest)."""
+    """Greedy pass@1 of the pretrained model at each probe difficulty (cached in `path`) -> the edge."""
     from nanoseek.evaluate import evaluate_task
     from nanoseek.tokenizer import Tokenizer
 
@@ -132,8 +141,7 @@ def _probe(model_dir: Path, plan: Plan, path: Path, say) -> int:
                                        max_tokens=plan.max_new_tokens)["pass@1"] for d in plan.probe_difficulties}
         atomic_write_json(path, probe)
     say("edge probe, greedy pass@1 by difficulty: " + ", ".join(f"{d}: {a:.2f}" for d, a in probe.items()))
-    capable = [int(d) for d, acc in probe.items() if acc >= 0.1]
-    return max(capable) if capable else min(int(d) for d in probe)
+    return edge_of_competence(probe)
 
 
 def write_sft_data(path: Path, task_name: str, difficulty: int, num: int, seed: int = 0) -> Path:

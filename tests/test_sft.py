@@ -69,6 +69,17 @@ def test_nanoseek_sft_end_to_end(smoke_model, tmp_path):
     assert before and all(torch.equal(before[k], after[k]) for k in before)  # the routing bias stays frozen
 
 
+def test_fp8_sft_runs_where_fp8_is_emulated(smoke_model, tmp_path):
+    """--precision fp8 on a device without FP8 units: the GEMMs are emulated in fp32, and MFU and the receipt say
+    so (this used to stop with "device cpu has no fp8 peak")."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": CONV}) + "\n" for _ in range(8)))
+    run = tmp_path / "sft8"
+    assert main(["sft", "--init", str(smoke_model), "--run", str(run), "--data", str(data), "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "64", "--precision", "fp8"]) == 0
+    assert json.loads((run / "receipt.json").read_text())["precision"] == "fp32"
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"messages": []}\n', "line 1 needs a \"messages\" list"),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no assistant message"),

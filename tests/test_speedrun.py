@@ -9,7 +9,7 @@ from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
 from nanoseek.checkpoint import load_model
 from nanoseek.cli import main
-from nanoseek.speedrun import Clock, make_plan
+from nanoseek.speedrun import Clock, edge_of_competence, make_plan
 from nanoseek.train.pretrain import cpu_workers
 
 
@@ -86,3 +86,9 @@ def test_budget_plans():
     assert clock.left() == pytest.approx(20.0, abs=0.01)
     # what is left after the reserve is shared by the remaining stages' weights
     assert clock.share("sft", ["sft", "grpo"], reserve=4.0) == pytest.approx(16.0 * 0.10 / 0.40, abs=0.01)
+
+
+def test_the_edge_of_competence_is_the_easiest_level_not_yet_learnt():
+    assert edge_of_competence({"1": 1.0, "2": 0.04, "3": 0.0}) == 2  # not 1, where RL has nothing to add
+    assert edge_of_competence({"1": 0.8, "2": 0.3}) == 1
+    assert edge_of_competence({"2": 0.95, "1": 0.92}) == 2  # all learnt: the hardest

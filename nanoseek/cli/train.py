@@ -91,6 +91,9 @@ def _add_grpo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlong-buffer", type=int, default=None, help="penalty ramp length in tokens (default max/4)")
     p.add_argument("--eval-num", type=int, default=64, help="held-out problems for eval_accuracy (0 = off; default 64)")
     p.add_argument("--eval-difficulty", default=None, help="difficulty of the held-out problems (default --difficulty)")
+    p.add_argument("--eval-samples", type=int, default=0,
+                   help="also log R1's sampled pass@1 (temperature 0.6, top-p 0.95) over this many samples per "
+                        "problem (default 0: greedy only)")
     p.add_argument("--max-batch", type=int, default=64, help="sequences the engine decodes together (default 64)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     add_training_flags(p)
@@ -109,7 +112,8 @@ def _cmd_grpo(args: argparse.Namespace) -> int:
                      scale_rewards=args.scale_rewards, dynamic_sampling=args.dynamic_sampling,
                      max_sampling_rounds=args.max_sampling_rounds, overlong=args.overlong,
                      overlong_buffer=args.overlong_buffer, eval_num=args.eval_num,
-                     eval_difficulty=args.eval_difficulty, max_batch=args.max_batch, seed=args.seed or 0).validate()
+                     eval_difficulty=args.eval_difficulty, eval_samples=args.eval_samples, max_batch=args.max_batch,
+                     seed=args.seed or 0).validate()
     grpo(args.init, args.run, cfg, train_cfg, resume=args.resume, device=args.device, price_per_hour=args.price)
     return 0
 

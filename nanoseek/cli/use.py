@@ -181,7 +181,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--difficulty", help="task difficulty or a mix like 3,4 (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="which held-out set, and the sampling seed (default 0)")
     p.add_argument("--samples", type=int, default=1, help="samples per problem, n (default 1)")
-    p.add_argument("--temperature", type=float, default=None, help="default 0 (greedy) for 1 sample, else 0.6")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="default 0 (greedy) for 1 sample, else 0.6 (R1's evaluation setting)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling; default 0.95 when sampling (R1)")
     p.add_argument("--thinking-budget", type=int, default=None, help="at most N thinking tokens, then </think>")
     p.add_argument("--max-tokens", type=int, default=512, help="completion cap (default 512)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
@@ -195,7 +197,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from nanoseek.checkpoint import atomic_write_json
     from nanoseek.evaluate import evaluate_rows, evaluate_task, read_eval_jsonl, short
 
-    common = dict(samples=args.samples, temperature=args.temperature, thinking_budget=args.thinking_budget,
+    common = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p, thinking_budget=args.thinking_budget,
                   seed=args.seed, max_tokens=args.max_tokens, max_batch=args.max_batch, progress=True)
     if args.task:
         summary = evaluate_task(args.model, None, args.task, num=args.num, difficulty=args.difficulty, **common)

@@ -40,7 +40,7 @@ from nanoseek.data.sources import read_jsonl_rows
 from nanoseek.data.tasks import Problem, RewardConfig, extract_answer, get_task, is_well_formed
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.loop import Trainer, TrainConfig, resolve_precision
+from nanoseek.train.loop import Trainer, TrainConfig, peak_precision, resolve_precision
 from nanoseek.train.run import prepare_run
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
@@ -82,6 +82,7 @@ class GRPOConfig:
     overlong_buffer: int | None = None  # penalty ramps 0 -> -1 over the last this-many tokens (default max/4)
     eval_num: int = 64  # held-out problems for the periodic greedy pass@1 (0 = off)
     eval_difficulty: str | None = None  # default: difficulty
+    eval_samples: int = 0  # > 0: also R1's sampled pass@1 (temperature 0.6, top-p 0.95, this many per problem)
     max_batch: int = 64  # engine rows decoded together
     seed: int = 0
     ignore_eos: bool = False  # benchmarks only: every completion runs to max_new_tokens
@@ -107,6 +108,7 @@ class GRPOConfig:
              f"--scale-rewards {self.scale_rewards!r} is unknown; use group, batch or none")
         need(self.overlong in OVERLONG, f"--overlong {self.overlong!r} is unknown; use none, mask or penalty")
         need(self.max_sampling_rounds >= 1, "--max-sampling-rounds must be >= 1")
+        need(self.eval_samples >= 0, f"--eval-samples must be >= 0, got {self.eval_samples}")
         return self
 
     @property
@@ -498,16 +500,22 @@ def grpo(init: str | Path, run_dir: str | Path, cfg: GRPOConfig, train_cfg: Trai
     batches = RolloutBatches(model, tokenizer, cfg, num_chunks, ref_model=ref, reward_fn=reward_fn)
 
     def held_out(m: DeepseekV3ForCausalLM) -> dict[str, float]:
-        """Greedy pass@1 on eval-split problems, through the rollout engine (it already holds the live model)."""
-        s = evaluate_task(batches.engine, tokenizer, cfg.task, cfg.eval_num, cfg.eval_difficulty or cfg.difficulty,
-                          max_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        return {"eval_accuracy": s["pass@1"], "eval_format_rate": s["format_rate"], "eval_length": s["mean_length"]}
+        """Greedy pass@1 on eval-split problems (and R1's sampled pass@1 with --eval-samples), through the rollout
+        engine (it already holds the live model)."""
+        ev = dict(task=cfg.task, num=cfg.eval_num, difficulty=cfg.eval_difficulty or cfg.difficulty,
+                  max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        s = evaluate_task(batches.engine, tokenizer, **ev)
+        out = {"eval_accuracy": s["pass@1"], "eval_format_rate": s["format_rate"], "eval_length": s["mean_length"]}
+        if cfg.eval_samples:
+            out["eval_sampled_pass@1"] = evaluate_task(batches.engine, tokenizer, samples=cfg.eval_samples, **ev)["pass@1"]
+        return out
 
     eval_fn = held_out if cfg.task and cfg.eval_num > 0 else None
 
     device_key = cost.detect_device()
-    precision = resolve_precision(train_cfg.precision, torch.device(device))
     dev = cost.get_device(device_key)
+    # the precision the multiplies really run in (emulated FP8 or bf16: fp32), for MFU and the receipt
+    precision = peak_precision(resolve_precision(train_cfg.precision, torch.device(device)), torch.device(device), dev)
     seq_len = 64 + cfg.max_new_tokens
     trainer = GRPOTrainer(model, train_cfg, run_dir, batches, make_loss_fn(cfg), stage="grpo", eval_fn=eval_fn,
                           flops_per_token=cost.flops_per_token(model.config, seq_len, include_mtp=False),

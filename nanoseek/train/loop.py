@@ -61,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    adam_eps: float = 1e-8  # larger values shrink the steps of weights whose gradients are mostly noise (RL)
     grad_clip: float = 1.0
     # DeepSeek-V3 schedules: MTP weight drops late in training; the balancing bias freezes for the last tokens
     mtp_weight_late: float | None = None  # weight after `mtp_late_frac` of training (V3: 0.3 -> 0.1)
@@ -122,7 +123,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
             continue
         (no_decay if p.dim() < 2 or "embed_tokens" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.adam_eps}
     device_type = next(model.parameters()).device.type
     if device_type == "cuda":
         kwargs["fused"] = True
@@ -142,6 +143,14 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def peak_precision(precision: str, device: torch.device, dev) -> str:
+    """The precision whose peak FLOP/s MFU and the receipt should use: where FP8 is emulated (no FP8 units) or bf16
+    is emulated (a CPU without a bf16 GEMM, see model/linear.py) the multiplies run in fp32."""
+    if (precision == "fp8" and not dev.fp8_tflops) or (precision == "bf16" and not native_bf16(device)):
+        return "fp32"
     return precision
 
 

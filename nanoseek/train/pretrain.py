@@ -27,7 +27,7 @@ from nanoseek.fp8 import convert_to_fp8_training, memory_report
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import distributed as D
-from nanoseek.train.loop import Trainer, TrainConfig, resolve_precision
+from nanoseek.train.loop import Trainer, TrainConfig, peak_precision, resolve_precision
 from nanoseek.train.run import prepare_run
 
 
@@ -146,8 +146,7 @@ def pretrain(model_cfg: ModelConfig, train_cfg: TrainConfig, data: DataConfig, r
                              rank=rank, world_size=world)]
     device_key = cost.detect_device()
     dev = cost.get_device(device_key)
-    # FP8 emulated where the device has no FP8 units multiplies in fp32: MFU and the receipt use that peak
-    matmul_precision = "fp32" if precision == "fp8" and not dev.fp8_tflops else precision
+    matmul_precision = peak_precision(precision, torch.device(device), dev)
     trainer = Trainer(model, train_cfg, run_dir, loader, lm_loss, stage="pretrain",
                       eval_fn=lambda m: D.all_reduce_mean(held_out_loss(val, m)),
                       flops_per_token=cost.flops_per_token(model_cfg, train_cfg.seq_len),
