@@ -201,9 +201,10 @@ def _no_autocast(device: torch.device):
 
 
 def _activation_dtype(x: torch.Tensor) -> torch.dtype:
-    """What an FP8 GEMM emits: bf16 under CUDA autocast (the recipe), else the input's dtype (fp32 on CPU)."""
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    """What an FP8 GEMM emits: the autocast dtype (bf16, the recipe) under autocast, on a GPU or in the CPU
+    emulation alike, so that both compute the same numbers; else the input's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 

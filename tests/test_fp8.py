@@ -114,6 +114,20 @@ def test_fp8_linear_matches_float64_reference_of_same_quantisation():
     assert _rel(lin.weight.grad, dyd.t() @ xd) < 0.06
 
 
+def test_fp8_gemms_emit_the_autocast_dtype_on_cpu_as_on_gpu():
+    """The recipe's GEMMs accumulate in fp32 and emit bf16; the CPU emulation must round its outputs the same way
+    under autocast, or CPU FP8 runs are compared against bf16 with an unfair advantage (fp32 outputs)."""
+    torch.manual_seed(0)
+    lin = convert_to_fp8_training(torch.nn.Linear(256, 128, bias=False))
+    x = torch.randn(4, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and lin.weight.grad.dtype == torch.float32  # master-precision gradients
+    assert lin(x).dtype == torch.float32  # without autocast: the input's dtype
+
+
 def test_fp8_experts_match_float64_reference():
     cfg = smoke().replace(hidden_size=160, moe_intermediate_size=72)
     torch.manual_seed(0)
