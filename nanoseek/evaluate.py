@@ -137,8 +137,8 @@ def _score_rows(rows: list[dict], outputs: list, samples: int, judge) -> dict[st
 
 
 def evaluate_rows(model_or_engine, tokenizer, rows: list[dict], task: Task | str | None = None, samples: int = 1,
-                  temperature: float | None = None, top_p: float | None = None, thinking_budget: int | None = None, seed: int = 0,
-                  max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = 32, progress: bool = False
+                  temperature: float | None = None, top_p: float | None = None, thinking_budget: int | None = None,
+                  seed: int = 0, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = 32, progress: bool = False
                   ) -> dict[str, Any]:
     """Evaluate rows {"prompt", "answer"[, "problem"]}. A row carrying a task problem is judged by the task's
     verifier; otherwise the extracted <answer> must equal `answer` exactly (after stripping whitespace)."""
@@ -166,15 +166,15 @@ def evaluate_rows(model_or_engine, tokenizer, rows: list[dict], task: Task | str
     t0 = time.perf_counter()
     outputs = engine.generate(prompts, max_tokens=max_tokens, chat=True, temperature=temp, top_p=top_p,
                               seed=seed, thinking_budget=thinking_budget, progress=progress)
-    summary = {"task": getattr(task, "NAME", None), "temperature": temp, "top_p": top_p, "thinking_budget": thinking_budget,
-               "max_tokens": max_tokens, "seed": seed, **_score_rows(rows, outputs, samples, judge)}
+    summary = {"task": getattr(task, "NAME", None), "temperature": temp, "top_p": top_p,
+               "thinking_budget": thinking_budget, "max_tokens": max_tokens, "seed": seed, **_score_rows(rows, outputs, samples, judge)}
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
 
 def evaluate_task(model_or_engine, tokenizer, task: Task | str, num: int = 100, difficulty=None, samples: int = 1,
-                  temperature: float | None = None, top_p: float | None = None, thinking_budget: int | None = None, seed: int = 0,
-                  max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = 32, progress: bool = False
+                  temperature: float | None = None, top_p: float | None = None, thinking_budget: int | None = None,
+                  seed: int = 0, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = 32, progress: bool = False
                   ) -> dict[str, Any]:
     """pass@1 / pass@k / maj@k on `num` held-out problems of `task` (difficulty: an int, "3,4" or a list).
 

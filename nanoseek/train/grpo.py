@@ -40,7 +40,7 @@ from nanoseek.data.sources import read_jsonl_rows
 from nanoseek.data.tasks import Problem, RewardConfig, extract_answer, get_task, is_well_formed
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.loop import Trainer, TrainConfig, peak_precision, resolve_precision
+from nanoseek.train.loop import Trainer, TrainConfig, peak_precision
 from nanoseek.train.run import prepare_run
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
@@ -507,15 +507,15 @@ def grpo(init: str | Path, run_dir: str | Path, cfg: GRPOConfig, train_cfg: Trai
         s = evaluate_task(batches.engine, tokenizer, **ev)
         out = {"eval_accuracy": s["pass@1"], "eval_format_rate": s["format_rate"], "eval_length": s["mean_length"]}
         if cfg.eval_samples:
-            out["eval_sampled_pass@1"] = evaluate_task(batches.engine, tokenizer, samples=cfg.eval_samples, **ev)["pass@1"]
+            sampled = evaluate_task(batches.engine, tokenizer, samples=cfg.eval_samples, **ev)
+            out["eval_sampled_pass@1"] = sampled["pass@1"]
         return out
 
     eval_fn = held_out if cfg.task and cfg.eval_num > 0 else None
 
     device_key = cost.detect_device()
     dev = cost.get_device(device_key)
-    # the precision the multiplies really run in (emulated FP8 or bf16: fp32), for MFU and the receipt
-    precision = peak_precision(resolve_precision(train_cfg.precision, torch.device(device)), torch.device(device), dev)
+    precision = peak_precision(train_cfg.precision, torch.device(device), dev)  # what the multiplies run in
     seq_len = 64 + cfg.max_new_tokens
     trainer = GRPOTrainer(model, train_cfg, run_dir, batches, make_loss_fn(cfg), stage="grpo", eval_fn=eval_fn,
                           flops_per_token=cost.flops_per_token(model.config, seq_len, include_mtp=False),

@@ -149,6 +149,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def peak_precision(precision: str, device: torch.device, dev) -> str:
     """The precision whose peak FLOP/s MFU and the receipt should use: where FP8 is emulated (no FP8 units) or bf16
     is emulated (a CPU without a bf16 GEMM, see model/linear.py) the multiplies run in fp32."""
+    precision = resolve_precision(precision, device)
     if (precision == "fp8" and not dev.fp8_tflops) or (precision == "bf16" and not native_bf16(device)):
         return "fp32"
     return precision

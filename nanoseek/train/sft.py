@@ -27,7 +27,7 @@ from nanoseek.data.sources import read_jsonl_rows
 from nanoseek.data.tasks import get_task, is_well_formed
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.loop import Trainer, TrainConfig, peak_precision, resolve_precision
+from nanoseek.train.loop import Trainer, TrainConfig, peak_precision
 from nanoseek.train.run import prepare_run
 
 IGNORE_INDEX = -100
@@ -187,8 +187,7 @@ def sft(init: str | Path, data: str | Path, run_dir: str | Path, train_cfg: Trai
         eval_fn = lambda m: held_out_sft_loss(val, m)  # noqa: E731
     device_key = cost.detect_device()
     dev = cost.get_device(device_key)
-    # the precision the multiplies really run in (emulated FP8 or bf16: fp32), for MFU and the receipt
-    precision = peak_precision(resolve_precision(train_cfg.precision, torch.device(device)), torch.device(device), dev)
+    precision = peak_precision(train_cfg.precision, torch.device(device), dev)  # what the multiplies run in
     trainer = Trainer(model, train_cfg, run_dir, RowBatches(ids, mask, train_cfg.batch_size, train_cfg.seed),
                       sft_loss, stage=stage, eval_fn=eval_fn,
                       flops_per_token=cost.flops_per_token(model.config, train_cfg.seq_len),
