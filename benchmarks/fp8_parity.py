@@ -14,7 +14,7 @@ format (`nanoseek convert --fp8`), loaded with FP8 weights in memory (`load_fp8_
 (FP8 / bf16, target <= 55%) and greedy agreement on held-out prompts. Both models compute in fp32 here: the
 comparison isolates the weight format.
 
-    python benchmarks/fp8_parity.py                                   # tiny, 400 steps x 16: ~90 min on 2 cores
+    python benchmarks/fp8_parity.py                                   # tiny, 400 steps x 16: ~2 h on 2 cores
     python benchmarks/fp8_parity.py --keep                            # reuse finished runs in --out
     python benchmarks/fp8_parity.py --preset smoke --steps 60 --docs 4000 --no-write   # a 1-2 minute check
 """
@@ -113,8 +113,9 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=60_000, help="documents of the built-in corpus")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--noise-seed", type=int, default=7, help="a second fp32 run's seed: the run-to-run spread")
-    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                    help="runs trained side by side, one thread each (default: one per core, at most 4)")
+    ap.add_argument("--pair-seeds", default="7", help="comma list: more bf16/fp8 pairs at these seeds ('' for none)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="runs trained side by side, one thread each (default: one per core)")
     ap.add_argument("--prompts", type=int, default=32, help="held-out prompts for greedy agreement")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen", type=int, default=32, help="greedy tokens per prompt")
@@ -130,7 +131,9 @@ def main() -> None:
     if not (out / "tokenizer").is_dir():  # one tokenizer for every run: all of them see identical token streams
         prepare_tokenizer(DataConfig(builtin_docs=args.docs, tokenizer_docs=min(20_000, args.docs)), out,
                           preset(args.preset).vocab_size)
+    pair_seeds = [int(s) for s in args.pair_seeds.split(",") if s.strip()]
     jobs = [("bf16", args.seed), ("fp8", args.seed), ("fp32", args.seed), ("fp32", args.noise_seed)]
+    jobs += [(p, s) for s in pair_seeds for p in ("bf16", "fp8")]
     runs = [out / run_name(p, s, args.seed) for p, s in jobs]
     todo = [i for i, run in enumerate(runs) if not (args.keep and finished(run, args.steps))]
     workers = max(1, min(args.workers, len(todo)))
@@ -144,7 +147,9 @@ def main() -> None:
     done = [recorded(run) for run in runs]
     for (precision, seed), (loss, wall) in zip(jobs, done):
         print(f"{precision} seed {seed}: held-out loss {loss:.4f} after {args.steps} steps ({wall:.0f} s)")
-    (bf16_loss, _), (fp8_loss, _), (fp32_loss, _), (noise_loss, _) = done
+    (bf16_loss, _), (fp8_loss, _), (fp32_loss, _), (noise_loss, _) = done[:4]
+    pairs = [(args.seed, bf16_loss, fp8_loss)] + [(s, done[4 + 2 * i][0], done[5 + 2 * i][0])
+                                                  for i, s in enumerate(pair_seeds)]
     rel = (fp8_loss - bf16_loss) / bf16_loss  # signed: below zero, FP8 ended lower (better) than bf16
     spread = abs(noise_loss - fp32_loss) / fp32_loss
     print(f"relative difference fp8 vs bf16 {100 * rel:+.3f}% (target: within 1%); fp32 seed to seed: "
@@ -168,10 +173,14 @@ def main() -> None:
           f"({100 * fp8_bytes / bf16_bytes:.1f}% of bf16); greedy: {100 * exact:.1f}% of {len(val)} continuations "
           f"identical, {100 * prefix:.1f}% of tokens before the first divergence")
 
-    bf16_run, fp8_run, _, noise_run = runs
+    bf16_run, fp8_run, _, noise_run = runs[:4]
     columns = [("fp8 - bf16", paired_gaps(bf16_run, fp8_run)), ("bf16 - fp32", paired_gaps(fp32_run, bf16_run)),
                ("fp8 - fp32", paired_gaps(fp32_run, fp8_run)),
                (f"fp32 seed {args.noise_seed} - fp32", paired_gaps(fp32_run, noise_run))]
+    columns += [(f"fp8 - bf16, seed {s}", paired_gaps(runs[4 + 2 * i], runs[5 + 2 * i]))
+                for i, s in enumerate(pair_seeds)]
+    pair_rows = "\n".join(f"| {s} | {b:.4f} | {f:.4f} | {100 * (f - b) / b:+.2f}% |" for s, b, f in pairs)
+    mean_rel = sum((f - b) / b for _, b, f in pairs) / len(pairs)
     gap_rows = "\n".join(f"| {lo}-{hi} | " + " | ".join(f"{100 * gaps[i][2]:+.2f}%" for _, gaps in columns) + " |"
                          for i, (lo, hi, _) in enumerate(columns[0][1]))
     fp8_gaps, noise_gaps = columns[0][1], columns[3][1]
@@ -202,6 +211,14 @@ has no bf16 GEMM). No GPU was available, so the Hopper speed target (FP8 >= 1.3x
 Relative difference of the final held-out loss, fp8 against bf16: **{100 * rel:+.3f}%**, FP8 {direction} (target: \
 within 1%, {verdict}; DeepSeek reports < 0.25%). bf16 against fp32: {100 * (bf16_loss - fp32_loss) / fp32_loss:+.3f}%; \
 the seed alone moves fp32 by {100 * spread:.3f}%.
+
+Every bf16/fp8 pair (each pair shares its seed, so its initialisation and batches):
+
+| seed | bf16 | fp8 | fp8 against bf16 |
+|---|---|---|---|
+{pair_rows}
+
+Mean relative difference over the {len(pairs)} pairs: **{100 * mean_rel:+.2f}%**.
 
 The training loss, paired step by step (mean difference over each window / the second run's mean; the runs with
 seed {args.seed} see exactly the same batches, the other seed does not):
