@@ -90,6 +90,11 @@ def recorded(run: Path) -> tuple[float, float]:
     return receipt["extra"]["val_loss"], receipt["wall_seconds"]
 
 
+def seed_list(text: str) -> list[int]:
+    """'7,11' -> [7, 11]; argparse turns the ValueError of a malformed list into a one-line usage error."""
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
 def run_name(precision: str, seed: int, main_seed: int) -> str:
     return precision if seed == main_seed else f"{precision}-seed{seed}"
 
@@ -113,7 +118,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=60_000, help="documents of the built-in corpus")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--noise-seed", type=int, default=7, help="a second fp32 run's seed: the run-to-run spread")
-    ap.add_argument("--pair-seeds", default="7", help="comma list: more bf16/fp8 pairs at these seeds ('' for none)")
+    ap.add_argument("--pair-seeds", type=seed_list, default=[7], help="comma list: more bf16/fp8 pairs at these seeds ('' for none)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="runs trained side by side, one thread each (default: one per core)")
     ap.add_argument("--prompts", type=int, default=32, help="held-out prompts for greedy agreement")
@@ -131,7 +136,7 @@ def main() -> None:
     if not (out / "tokenizer").is_dir():  # one tokenizer for every run: all of them see identical token streams
         prepare_tokenizer(DataConfig(builtin_docs=args.docs, tokenizer_docs=min(20_000, args.docs)), out,
                           preset(args.preset).vocab_size)
-    pair_seeds = [int(s) for s in args.pair_seeds.split(",") if s.strip()]
+    pair_seeds = args.pair_seeds
     jobs = [("bf16", args.seed), ("fp8", args.seed), ("fp32", args.seed), ("fp32", args.noise_seed)]
     jobs += [(p, s) for s in pair_seeds for p in ("bf16", "fp8")]
     runs = [out / run_name(p, s, args.seed) for p, s in jobs]
