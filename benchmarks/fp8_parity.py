@@ -41,7 +41,7 @@ from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import DataConfig, prepare_tokenizer, pretrain
 from results_md import write_section  # noqa: E402 (benchmarks/ is the script's directory)
 
-SECTION = "## FP8 (issue 7)"
+SECTION = "FP8 (issue 7)"
 
 
 @torch.no_grad()
@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=60_000, help="documents of the built-in corpus")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--noise-seed", type=int, default=7, help="a second fp32 run's seed: the run-to-run spread")
-    ap.add_argument("--pair-seeds", type=seed_list, default=[7], help="comma list: more bf16/fp8 pairs at these seeds ('' for none)")
+    ap.add_argument("--pair-seeds", type=seed_list, default=[7],
+                    help="comma list: more bf16/fp8 pairs at these seeds ('' for none)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="runs trained side by side, one thread each (default: one per core)")
     ap.add_argument("--prompts", type=int, default=32, help="held-out prompts for greedy agreement")
@@ -126,6 +127,8 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=32, help="greedy tokens per prompt")
     ap.add_argument("--out", default="runs/fp8_parity")
     ap.add_argument("--results", default="benchmarks/RESULTS.md")
+    ap.add_argument("--section", default=SECTION,
+                    help="the RESULTS.md section (its `## ` heading) this configuration writes")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--keep", action="store_true", help="reuse runs in --out that finished with the same --steps")
     args = ap.parse_args()
@@ -185,7 +188,12 @@ def main() -> None:
     columns += [(f"fp8 - bf16, seed {s}", paired_gaps(runs[4 + 2 * i], runs[5 + 2 * i]))
                 for i, s in enumerate(pair_seeds)]
     pair_rows = "\n".join(f"| {s} | {b:.4f} | {f:.4f} | {100 * (f - b) / b:+.2f}% |" for s, b, f in pairs)
-    mean_rel = sum((f - b) / b for _, b, f in pairs) / len(pairs)
+    rels = [(f - b) / b for _, b, f in pairs]
+    mean_rel = sum(rels) / len(rels)
+    # The standard error of that mean: how far the pairs' own scatter leaves it from the true precision effect.
+    sem = (sum((r - mean_rel) ** 2 for r in rels) / (len(rels) - 1) / len(rels)) ** 0.5 if len(rels) > 1 else None
+    sem_text = f" (standard error {100 * sem:.2f} points)" if sem is not None else ""
+    mean_verdict = "**met**" if abs(mean_rel) <= 0.01 else "**not met**"
     gap_rows = "\n".join(f"| {lo}-{hi} | " + " | ".join(f"{100 * gaps[i][2]:+.2f}%" for _, gaps in columns) + " |"
                          for i, (lo, hi, _) in enumerate(columns[0][1]))
     fp8_gaps, noise_gaps = columns[0][1], columns[3][1]
@@ -197,7 +205,8 @@ def main() -> None:
     walls = {run.name: f"{w:.0f}" for run, (_, w) in zip(runs, done)}
     verdict = "**met**" if abs(rel) <= 0.01 else "**not met**"
     direction = "lower (better)" if rel < 0 else "higher (worse)"
-    text = f"""{SECTION}
+    heading = f"## {args.section}"
+    text = f"""{heading}
 
 `python benchmarks/fp8_parity.py --preset {args.preset} --steps {args.steps} --batch-size {args.batch_size} \
 --seq-len {args.seq_len} --docs {args.docs}` on {platform.processor() or platform.machine()}, \
@@ -223,7 +232,7 @@ Every bf16/fp8 pair (each pair shares its seed, so its initialisation and batche
 |---|---|---|---|
 {pair_rows}
 
-Mean relative difference over the {len(pairs)} pairs: **{100 * mean_rel:+.2f}%**.
+Mean relative difference over the {len(pairs)} pairs: **{100 * mean_rel:+.2f}%**{sem_text}; within 1%: {mean_verdict}.
 
 The training loss, paired step by step (mean difference over each window / the second run's mean; the runs with
 seed {args.seed} see exactly the same batches, the other seed does not):
@@ -241,8 +250,8 @@ FP8 weights for inference (the fp32 run's model; bf16 reference vs `nanoseek con
 tokens generated before the first divergence.
 """
     if not args.no_write:
-        write_section(SECTION, text, Path(args.results))
-        print(f"wrote {SECTION!r} in {args.results}")
+        write_section(heading, text, Path(args.results))
+        print(f"wrote {heading!r} in {args.results}")
     else:
         print(text)
 

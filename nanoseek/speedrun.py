@@ -33,8 +33,10 @@ class Plan:
     minutes: float
     task: str = EVAL_TASK
     difficulty: int | None = None  # None: probed after pretraining (the edge of competence)
-    eval_num: int = 100
-    probe_num: int = 24
+    # 500 held-out problems put the standard error of a pass@1 near 15% at 1.6 points; on 100 it was 3.6, as large
+    # as the differences between stages (benchmarks/RESULTS.md, issue 5: 0.20 on 100 problems was 0.156 on 500).
+    eval_num: int = 500
+    probe_num: int = 48
     probe_difficulties: tuple[int, ...] = (1, 2, 3, 4, 5)
     max_new_tokens: int = 320
     device: str = "cpu"

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from nanoseek.checkpoint import load_model, read_tensors, save_model
 from nanoseek.config import depth, smoke
 from nanoseek.fp8 import (E4M3_MAX, TILE, WEIGHT_BLOCK, FP8Linear, FP8RoutedExperts, convert_to_fp8_training,
-                          dequantize_blockwise, fake_quantize, fake_quantize_token_tiles, memory_report, quantize,
+                          dequantize_blockwise, fake_quantize, fake_quantize_token_tiles, fp8_to_float, memory_report,
+                          quantize,
                           quantize_blockwise, revert_fp8_training)
 from nanoseek.fp8_infer import FP8WeightExperts, FP8WeightLinear, load_fp8_model, weight_bytes
 from nanoseek.model.moe import RoutedExperts
@@ -61,6 +62,23 @@ def test_roundtrip_within_e4m3_bound(shape, block, pow2):
         b0, b1 = block
         amax = x[..., :b0, -(C % b1 or b1):].abs().amax(dim=(-2, -1))
         torch.testing.assert_close(q.scale[..., 0, -1], amax / E4M3_MAX)
+
+
+def test_fast_fp8_decoding_is_torchs_cast_for_every_code():
+    """The CPU emulation decodes e4m3 by bit placement (fp8_to_float); all 256 codes, NaNs included, must read
+    exactly as torch's own cast, and dequantisation (whole blocks or partial edge ones, transposed or not) must
+    equal codes x per-element scales."""
+    from nanoseek.fp8 import expand_scale
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    got, want = fp8_to_float(codes), codes.float()
+    assert bool(((got == want) | (got.isnan() & want.isnan())).all())
+    assert int(got.isnan().sum()) == 2
+    for shape, block in [((256, 384), WEIGHT_BLOCK), ((300, 200), WEIGHT_BLOCK), ((2, 5, 256), TILE)]:
+        q = quantize(_wide_range(*shape), block)
+        for qt in (q, q.t()):
+            want = qt.data.float() * expand_scale(qt.scale, qt.data.shape, qt.block)
+            assert torch.equal(qt.dequantize(), want)
 
 
 def test_token_tiles_restart_at_expert_boundaries():
