@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -208,8 +209,7 @@ def main() -> None:
     heading = f"## {args.section}"
     text = f"""{heading}
 
-`python benchmarks/fp8_parity.py --preset {args.preset} --steps {args.steps} --batch-size {args.batch_size} \
---seq-len {args.seq_len} --docs {args.docs}` on {platform.processor() or platform.machine()}, \
+`python benchmarks/fp8_parity.py {" ".join(sys.argv[1:])}` on {platform.processor() or platform.machine()}, \
 one thread per run, torch {torch.__version__}. FP8 is the CPU emulation (quantise to e4m3 with DeepSeek's scales, \
 multiply in fp32); bf16 is autocast with its products computed by fp32 kernels from bf16-rounded operands (this CPU \
 has no bf16 GEMM). No GPU was available, so the Hopper speed target (FP8 >= 1.3x bf16 tokens/s) is not measured.

@@ -15,6 +15,7 @@ Every phase reuses what an earlier run left in --out, so an interrupted run cont
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.atomic import atomic_write_text
 from nanoseek.checkpoint import atomic_write_json
 from nanoseek.config import preset
 from nanoseek.data.tasks import get_task
@@ -33,7 +35,7 @@ from nanoseek.train.grpo import GRPOConfig, grpo
 from nanoseek.train.loop import TrainConfig
 from nanoseek.train.pretrain import DataConfig, cpu_workers, pretrain, pretrain_processes
 from nanoseek.train.sft import TRAIN_DEFAULTS as SFT_DEFAULTS
-from nanoseek.train.sft import distill
+from nanoseek.train.sft import distill, sft
 from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## R1-Zero on a CPU (issue 5)"
@@ -68,6 +70,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--student-minutes", type=float, default=8.0, help="student pretraining budget")
     p.add_argument("--distill-prompts", type=int, default=256)
     p.add_argument("--distill-samples", type=int, default=4)
+    p.add_argument("--distill-lr", type=float, default=1e-3, help="the student's SFT peak lr")
+    p.add_argument("--distill-epochs", type=float, default=10.0, help="the student's SFT passes over the traces")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets and the smoke preset: checks the plumbing")
     p.add_argument("--no-write", action="store_true", help="do not touch benchmarks/RESULTS.md")
@@ -172,14 +176,34 @@ def phase_distill(a, teacher: Path, out: Path, difficulty: str, tokenizer_dir: P
         str(m), None, a.task, num=a.eval_num, difficulty=difficulty, seed=2, max_tokens=a.max_new_tokens))
     student_before = ev(base / "model", "eval_student_before")
     run = out / "distill"
+    train = TrainConfig(**{**SFT_DEFAULTS, "lr": a.distill_lr, "seq_len": 512, "batch_size": 8})
     if not (run / "student" / "model" / "config.json").exists():
-        train = TrainConfig(**{**SFT_DEFAULTS, "lr": 1e-4, "seq_len": 512, "batch_size": 8})
         distill(teacher, run, a.task, base / "model", train, samples=a.distill_samples,
-                num_prompts=a.distill_prompts, difficulty=difficulty, max_tokens=a.max_new_tokens, epochs=2.0)
+                num_prompts=a.distill_prompts, difficulty=difficulty, max_tokens=a.max_new_tokens,
+                epochs=a.distill_epochs)
     student_after = ev(run / "student" / "model", "eval_student_after")
     log(f"student: pass@1 {student_before['pass@1']:.3f} -> {student_after['pass@1']:.3f} after distillation")
     traces = json.loads((run / "traces.json").read_text())
-    return {"before": slim(student_before), "after": slim(student_after), "traces": traces}
+
+    # The control: the same student given the same extra training (steps, lr) without the teacher, on more of
+    # its own pretraining data (worked solutions at the corpus's difficulties), as many conversations as traces.
+    control = out / "distill_control"
+    if not (control / "model" / "config.json").exists():
+        steps = json.loads((run / "student" / "receipt.json").read_text())["extra"]["steps"]
+        task = get_task(a.task)
+        levels = list(task.CORPUS_DIFFICULTIES)
+        rows = []
+        for i in range(traces["traces"]):
+            problem = task.sample("train", 7_000_000 + i, levels[i % len(levels)])
+            rows.append({"messages": [{"role": "user", "content": task.prompt(problem)},
+                                      {"role": "assistant", "content": task.solution(problem)}]})
+        data = out / "distill_control.jsonl"
+        atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
+        sft(base / "model", data, control, dataclasses.replace(train, steps=steps))
+    student_control = ev(control / "model", "eval_student_control")
+    log(f"student with the same training on its own corpus instead: pass@1 {student_control['pass@1']:.3f}")
+    return {"before": slim(student_before), "after": slim(student_after), "control": slim(student_control),
+            "traces": traces}
 
 
 # ============================================================================ plots and the results section
@@ -265,9 +289,13 @@ def section(a, res: dict, cmd: str) -> str:
         t = dd["traces"]
         lines += [f"**Distillation**: the GRPO model answered {t['prompts']} train prompts x {t['samples']} "
                   f"(temperature 0.7); {t['correct']}/{t['generated']} verified correct, {t['traces']} traces kept. "
-                  f"Student `{a.student_preset}` pretrained {a.student_minutes:g} min, then SFT on the traces.", "",
-                  "| student, held-out pass@1 | without traces | with the teacher's traces |", "|---|---|---|",
-                  f"| `{a.student_preset}` | {dd['before']['pass@1']:.3f} | {dd['after']['pass@1']:.3f} |", ""]
+                  f"Student `{a.student_preset}` pretrained {a.student_minutes:g} min, then SFT on the traces "
+                  f"(lr {a.distill_lr:g}, {a.distill_epochs:g} epochs); the control gets the same SFT steps on "
+                  f"worked solutions from its own pretraining distribution instead.", "",
+                  "| student, held-out pass@1 | as pretrained | + SFT on its own corpus (control) | "
+                  "+ SFT on the teacher's traces |", "|---|---|---|---|",
+                  f"| `{a.student_preset}` | {dd['before']['pass@1']:.3f} | {dd['control']['pass@1']:.3f} | "
+                  f"{dd['after']['pass@1']:.3f} |", ""]
     if "distill_skipped" in res:
         lines += [f"**Distillation** skipped: {res['distill_skipped']}.", ""]
     lines += ["Reproduce each step alone:", "", "```",
@@ -285,7 +313,8 @@ def section(a, res: dict, cmd: str) -> str:
               f"--num {a.eval_num} --seed 2 --thinking-budget 32",
               f"nanoseek distill --teacher {a.out}/grpo --run {a.out}/distill --task {a.task} "
               f"--difficulty {res.get('difficulty', 'D')} --student-preset {a.student_preset} "
-              f"--samples {a.distill_samples} --num-prompts {a.distill_prompts}",
+              f"--samples {a.distill_samples} --num-prompts {a.distill_prompts} --lr {a.distill_lr:g} "
+              f"--epochs {a.distill_epochs:g}",
               "```", ""]
     return "\n".join(lines)
 
