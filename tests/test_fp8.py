@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from nanoseek.checkpoint import load_model, read_tensors, save_model
 from nanoseek.config import depth, smoke
 from nanoseek.fp8 import (E4M3_MAX, TILE, WEIGHT_BLOCK, FP8Linear, FP8RoutedExperts, convert_to_fp8_training,
-                          dequantize_blockwise, fake_quantize, fake_quantize_token_tiles, fp8_to_float, memory_report,
-                          quantize,
-                          quantize_blockwise, revert_fp8_training)
+                          dequantize_blockwise, expand_scale, fake_quantize, fake_quantize_token_tiles, fp8_to_float,
+                          memory_report, quantize, quantize_blockwise, revert_fp8_training)
 from nanoseek.fp8_infer import FP8WeightExperts, FP8WeightLinear, load_fp8_model, weight_bytes
 from nanoseek.model.moe import RoutedExperts
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
@@ -36,8 +35,6 @@ def _check_bound(x: torch.Tensor, q) -> None:
     e4m3 keeps 3 mantissa bits: for a normal value (|x/s| >= 2^-6) round-to-nearest errs by at most half an ulp,
     2^-4 of the value's binade, i.e. <= 2^-4 |x|. Subnormals are evenly spaced 2^-9 apart, so the absolute error
     is <= 2^-10 in scaled units. amax/s <= 448 (the largest finite value) means no saturation error."""
-    from nanoseek.fp8 import expand_scale
-
     s = expand_scale(q.scale, x.shape, q.block)
     err = (x - q.dequantize()).abs()
     bound = torch.maximum(2.0**-4 * x.abs(), 2.0**-10 * s) * (1 + 1e-6)
@@ -68,8 +65,6 @@ def test_fast_fp8_decoding_is_torchs_cast_for_every_code():
     """The CPU emulation decodes e4m3 by bit placement (fp8_to_float); all 256 codes, NaNs included, must read
     exactly as torch's own cast, and dequantisation (whole blocks or partial edge ones, transposed or not) must
     equal codes x per-element scales."""
-    from nanoseek.fp8 import expand_scale
-
     codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
     got, want = fp8_to_float(codes), codes.float()
     assert bool(((got == want) | (got.isnan() & want.isnan())).all())
