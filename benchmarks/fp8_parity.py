@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--keep", action="store_true", help="reuse runs in --out that finished with the same --steps")
     args = ap.parse_args()
+    if args.steps < 1 or not args.section.strip():
+        ap.error("--steps must be >= 1 and --section must name a section")
 
     out = Path(args.out)
     if not args.keep:

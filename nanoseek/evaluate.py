@@ -167,7 +167,8 @@ def evaluate_rows(model_or_engine, tokenizer, rows: list[dict], task: Task | str
     outputs = engine.generate(prompts, max_tokens=max_tokens, chat=True, temperature=temp, top_p=top_p,
                               seed=seed, thinking_budget=thinking_budget, progress=progress)
     summary = {"task": getattr(task, "NAME", None), "temperature": temp, "top_p": top_p,
-               "thinking_budget": thinking_budget, "max_tokens": max_tokens, "seed": seed, **_score_rows(rows, outputs, samples, judge)}
+               "thinking_budget": thinking_budget, "max_tokens": max_tokens, "seed": seed,
+               **_score_rows(rows, outputs, samples, judge)}
     summary["seconds"] = time.perf_counter() - t0
     return summary
 

@@ -94,6 +94,17 @@ def test_bad_sft_data_is_one_line(smoke_model, tmp_path, capsys, content, messag
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("stage", ["sft", "distill"])
+def test_a_pass_count_that_is_not_positive_is_one_line(smoke_model, tmp_path, capsys, stage):
+    source = ["--data", str(tmp_path / "unused.jsonl")] if stage == "sft" else ["--teacher", str(smoke_model)]
+    args = [stage, "--init" if stage == "sft" else "--student-init", str(smoke_model), *source, "--run",
+            str(tmp_path / "r"), "--epochs", "0"] + (["--task", "arithmetic"] if stage == "distill" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--epochs must be > 0" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
 class ScriptedEngine(Engine):
     """Answers from a script instead of a model: the n-th request gets the n-th text."""
 

@@ -68,6 +68,8 @@ def stage_train_config(args: argparse.Namespace, defaults: dict, epochs_decide: 
         o.split("=", 1)[0] in ("steps", "tokens", "minutes") for o in args.overrides)
     cfg, model_sets = train_config(args, defaults if limited or not epochs_decide else {**defaults, "steps": 1})
     if epochs_decide and not limited:
+        if not args.epochs > 0:  # else a zero or negative pass count would still train one step, silently
+            raise UsageError(f"--epochs must be > 0, got {args.epochs:g}")
         cfg.steps = None
     if model_sets:
         raise UsageError(f"--set {model_sets[0]}: only training fields can be set here (the model exists already)")

@@ -198,7 +198,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from nanoseek.evaluate import evaluate_rows, evaluate_task, read_eval_jsonl, short
 
     common = dict(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                  thinking_budget=args.thinking_budget, seed=args.seed, max_tokens=args.max_tokens, max_batch=args.max_batch, progress=True)
+                  thinking_budget=args.thinking_budget, seed=args.seed, max_tokens=args.max_tokens,
+                  max_batch=args.max_batch, progress=True)
     if args.task:
         summary = evaluate_task(args.model, None, args.task, num=args.num, difficulty=args.difficulty, **common)
     else:
