@@ -20,10 +20,14 @@ from typing import Any
 
 from nanoseek import cost
 from nanoseek.atomic import atomic_write_json, atomic_write_text
+from nanoseek.data.tasks import get_task
 
 # Shares of the training time left (evaluation and data preparation are paid for out of the same clock).
-STAGE_SHARES = {"pretrain": 0.60, "sft": 0.10, "grpo": 0.30}
-EVAL_TASK = "arithmetic"
+STAGE_SHARES = {"pretrain": 0.55, "sft": 0.10, "grpo": 0.35}
+# Countdown (TinyZero's task) by default: at its edge a CPU-trained `tiny` finds answers by sampling that greedy
+# decoding misses (2 numbers: 48% greedy, 84% pass@8), which is what GRPO turns into pass@1. At arithmetic's edge
+# the samples of a group differ by a digit or two and GRPO barely moved greedy accuracy (benchmarks/RESULTS.md).
+DEFAULT_TASK = "countdown"
 MASTERED = 0.9  # greedy pass@1 at which a difficulty counts as learnt
 
 
@@ -31,13 +35,13 @@ MASTERED = 0.9  # greedy pass@1 at which a difficulty counts as learnt
 class Plan:
     preset: str
     minutes: float
-    task: str = EVAL_TASK
+    task: str = DEFAULT_TASK
     difficulty: int | None = None  # None: probed after pretraining (the edge of competence)
     # 500 held-out problems put the standard error of a pass@1 near 15% at 1.6 points; on 100 it was 3.6, as large
     # as the differences between stages (benchmarks/RESULTS.md, issue 5: 0.20 on 100 problems was 0.156 on 500).
     eval_num: int = 500
     probe_num: int = 48
-    probe_difficulties: tuple[int, ...] = (1, 2, 3, 4, 5)
+    probe_difficulties: tuple[int, ...] = (1, 2, 3, 4, 5)  # make_plan: the task's first five levels
     max_new_tokens: int = 320
     device: str = "cpu"
     price_per_hour: float | None = None
@@ -50,7 +54,7 @@ class Plan:
 
 
 def make_plan(minutes: float | None = None, budget_usd: float | None = None, device: str | None = None,
-              preset: str | None = None, task: str = EVAL_TASK, price_per_hour: float | None = None,
+              preset: str | None = None, task: str | None = None, price_per_hour: float | None = None,
               workers: int | None = None) -> Plan:
     """Turn a time or money budget into a plan: which model, how many minutes, how many pretraining processes."""
     device_key = device or cost.detect_device()
@@ -76,10 +80,12 @@ def make_plan(minutes: float | None = None, budget_usd: float | None = None, dev
         workers = cpu_workers() if device_key == "cpu" and not smoke else 1
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    task = task or DEFAULT_TASK
+    levels = tuple(get_task(task).DIFFICULTIES)  # countdown starts at 2 numbers, arithmetic at 1 digit
     plan = Plan(preset=preset, minutes=minutes, task=task, device=device_key, price_per_hour=price, smoke=smoke,
-                workers=workers)
+                workers=workers, probe_difficulties=levels[:5])
     if smoke:
-        plan = dataclasses.replace(plan, eval_num=8, probe_num=4, probe_difficulties=(1, 2), max_new_tokens=48)
+        plan = dataclasses.replace(plan, eval_num=8, probe_num=4, probe_difficulties=levels[:2], max_new_tokens=48)
     return plan
 
 
@@ -148,8 +154,6 @@ def _probe(model_dir: Path, plan: Plan, path: Path, say) -> int:
 
 def write_sft_data(path: Path, task_name: str, difficulty: int, num: int, seed: int = 0) -> Path:
     """Chat-format SFT data: train-split problems around the chosen difficulty and their worked solutions."""
-    from nanoseek.data.tasks import get_task
-
     if path.exists():
         return path
     task = get_task(task_name)
@@ -211,7 +215,7 @@ def run_speedrun(plan: Plan, root: str | Path, quiet: bool = False) -> dict[str,
                  "eval_every": 10 if plan.smoke else 50, "checkpoint_every": 100,
                  **limits("pretrain", ["pretrain", "sft", "grpo"])}
         # Only the task we will train and judge on: on a CPU budget every pretraining token should count for it
-        # (arithmetic is 44% of the two-task corpus's text).
+        # (each task is about half of the two-task corpus's text).
         data = f"builtin:{2000 if plan.smoke else 40000}:{plan.task}"
         resume = (pre / "config.json").exists()
         limit = f"{train['steps']} steps" if "steps" in train else f"{train['minutes']:.1f} min"
@@ -243,14 +247,18 @@ def run_speedrun(plan: Plan, root: str | Path, quiet: bool = False) -> dict[str,
     # 3. GRPO (R1-Zero style) at the edge of competence
     rl = root / "grpo"
     if not _done(rl):
-        # Sequence-level loss anchored to the SFT model by a k3 KL term, at grpo's default lr (1e-5) with the
-        # routing bias frozen: on `tiny` the DAPO token-level loss collapsed to one answer in all three 15-20
-        # minute runs we made (benchmarks/RESULTS.md, issue 5).
+        # Sequence-level loss (on `tiny` the DAPO token-level loss collapsed to one answer in all three 15-20
+        # minute runs we made), no KL anchor, and two optimizer passes over each rollout batch: rollouts are most
+        # of a step, so the second pass doubles the updates for a third more time. Sampling at temperature 0.7
+        # keeps the groups' failures to the ones greedy decoding makes too (at 1.0 much of the signal goes on
+        # unlikely tokens greedy never picks). lr 5e-5 after a 5-step warmup. This was the setting that moved
+        # greedy accuracy most in 20-minute countdown runs (benchmarks/RESULTS.md, issue 5).
         cfg = GRPOConfig(task=plan.task, difficulty=str(plan.difficulty), group_size=4 if plan.smoke else 8,
                          prompts_per_step=2 if plan.smoke else 8, max_new_tokens=plan.max_new_tokens,
-                         loss_type="grpo", beta=0.04, dynamic_sampling=not plan.smoke,
+                         temperature=0.7, loss_type="grpo", beta=0.0, num_iterations=2,
+                         dynamic_sampling=not plan.smoke,
                          eval_num=8 if plan.smoke else 32)
-        train = TrainConfig(**{**GRPO_DEFAULTS, **limits("grpo", ["grpo"])})
+        train = TrainConfig(**{**GRPO_DEFAULTS, "lr": 5e-5, "warmup_steps": 5, **limits("grpo", ["grpo"])})
         say(f"stage 3/3 GRPO: {train.steps or f'{train.minutes:.1f} min'}")
         grpo(sft_dir / "model", rl, cfg, train, resume=(rl / "config.json").exists(),
              price_per_hour=plan.price_per_hour, quiet=quiet)

@@ -9,7 +9,7 @@ from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
 from nanoseek.checkpoint import load_model
 from nanoseek.cli import main
-from nanoseek.speedrun import Clock, edge_of_competence, make_plan
+from nanoseek.speedrun import STAGE_SHARES, Clock, edge_of_competence, make_plan
 from nanoseek.train.pretrain import cpu_workers
 
 
@@ -82,10 +82,14 @@ def test_budget_plans():
     assert make_plan(minutes=30, device="cpu").preset == "tiny"
     assert make_plan(minutes=30, device="cpu").workers == cpu_workers() >= 1  # one process per core
     assert make_plan(preset="smoke", device="cpu").workers == 1 and make_plan(device="h100").workers == 1
+    # the probe asks only for levels the task has: countdown starts at two numbers
+    assert make_plan(task="countdown", device="cpu").probe_difficulties == (2, 3, 4, 5)
+    assert make_plan(task="arithmetic", preset="smoke", device="cpu").probe_difficulties == (1, 2)
     clock = Clock(30.0, spent_minutes=10.0)
     assert clock.left() == pytest.approx(20.0, abs=0.01)
     # what is left after the reserve is shared by the remaining stages' weights
-    assert clock.share("sft", ["sft", "grpo"], reserve=4.0) == pytest.approx(16.0 * 0.10 / 0.40, abs=0.01)
+    sft, grpo = STAGE_SHARES["sft"], STAGE_SHARES["grpo"]
+    assert clock.share("sft", ["sft", "grpo"], reserve=4.0) == pytest.approx(16.0 * sft / (sft + grpo), abs=0.01)
 
 
 def test_the_edge_of_competence_is_the_easiest_level_not_yet_learnt():

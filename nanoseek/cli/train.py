@@ -184,7 +184,7 @@ def _add_speedrun(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="device to price the run at (default: this machine's)")
     p.add_argument("--price", type=float, help="dollars per device-hour (default: the catalogue's)")
     p.add_argument("--preset", help="model preset (default: tiny on a CPU; 'smoke' checks the pipeline in minutes)")
-    p.add_argument("--task", default="arithmetic", help="the verifiable task to reason about (arithmetic, countdown)")
+    p.add_argument("--task", help="the verifiable task to reason about: countdown (default) or arithmetic")
     p.add_argument("--run", default="runs/speedrun", help="output directory (default runs/speedrun)")
     p.add_argument("--workers", type=int, help="pretraining processes (default on a CPU: one single-threaded "
                                                "process per core, data parallel; 1 = one process)")
