@@ -1,6 +1,7 @@
 """`nanoseek speedrun --preset smoke`: every stage end to end, its outputs, resuming, bad budgets."""
 
 import json
+import re
 import time
 
 import pytest
@@ -9,7 +10,7 @@ from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
 from nanoseek.checkpoint import load_model
 from nanoseek.cli import main
-from nanoseek.speedrun import STAGE_SHARES, Clock, edge_of_competence, make_plan
+from nanoseek.speedrun import STAGE_SHARES, Clock, edge_of_competence, make_plan, write_sft_data
 from nanoseek.train.pretrain import cpu_workers
 
 
@@ -96,3 +97,13 @@ def test_the_edge_of_competence_is_the_easiest_level_not_yet_learnt():
     assert edge_of_competence({"1": 1.0, "2": 0.04, "3": 0.0}) == 2  # not 1, where RL has nothing to add
     assert edge_of_competence({"1": 0.8, "2": 0.3}) == 1
     assert edge_of_competence({"2": 0.95, "1": 0.92}) == 2  # all learnt: the hardest
+
+
+def test_sft_data_sits_at_the_edge_and_below_never_above(tmp_path):
+    rows = [json.loads(line) for line in write_sft_data(tmp_path / "cd.jsonl", "countdown", 2, 60).open()]
+    assert len(rows) == 60  # countdown has no level 1, so every problem has exactly two numbers
+    assert all(len(re.search(r"\[(.*?)\]", r["messages"][0]["content"]).group(1).split(",")) == 2 for r in rows)
+    rows = [json.loads(line) for line in write_sft_data(tmp_path / "ar.jsonl", "arithmetic", 2, 200).open()]
+    longest = [max(len(n) for n in re.findall(r"\d+", r["messages"][0]["content"].split("Compute")[1])) for r in rows]
+    assert set(longest) == {1, 2}  # the edge (2 digits) and the level below it, not 3
+
