@@ -41,12 +41,16 @@ class Plan:
     # as the differences between stages (benchmarks/RESULTS.md, issue 5: 0.20 on 100 problems was 0.156 on 500).
     eval_num: int = 500
     probe_num: int = 48
-    probe_difficulties: tuple[int, ...] = (1, 2, 3, 4, 5)  # make_plan: the task's first five levels
+    probe_difficulties: tuple[int, ...] = ()  # empty: the task's first five levels
     max_new_tokens: int = 320
     device: str = "cpu"
     price_per_hour: float | None = None
     smoke: bool = False  # fixed tiny step counts instead of minutes: the pipeline check CI runs
     workers: int = 1  # pretraining processes (data parallel); on a CPU, one single-threaded process per core
+
+    def __post_init__(self):
+        if not self.probe_difficulties:  # countdown starts at 2 numbers, arithmetic at 1 digit
+            self.probe_difficulties = tuple(get_task(self.task).DIFFICULTIES)[:5]
 
     @property
     def stage_steps(self) -> dict[str, int] | None:
@@ -80,12 +84,11 @@ def make_plan(minutes: float | None = None, budget_usd: float | None = None, dev
         workers = cpu_workers() if device_key == "cpu" and not smoke else 1
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    task = task or DEFAULT_TASK
-    levels = tuple(get_task(task).DIFFICULTIES)  # countdown starts at 2 numbers, arithmetic at 1 digit
-    plan = Plan(preset=preset, minutes=minutes, task=task, device=device_key, price_per_hour=price, smoke=smoke,
-                workers=workers, probe_difficulties=levels[:5])
+    plan = Plan(preset=preset, minutes=minutes, task=task or DEFAULT_TASK, device=device_key,
+                price_per_hour=price, smoke=smoke, workers=workers)
     if smoke:
-        plan = dataclasses.replace(plan, eval_num=8, probe_num=4, probe_difficulties=levels[:2], max_new_tokens=48)
+        plan = dataclasses.replace(plan, eval_num=8, probe_num=4, probe_difficulties=plan.probe_difficulties[:2],
+                                   max_new_tokens=48)
     return plan
 
 

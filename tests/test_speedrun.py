@@ -10,7 +10,7 @@ from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
 from nanoseek.checkpoint import load_model
 from nanoseek.cli import main
-from nanoseek.speedrun import STAGE_SHARES, Clock, edge_of_competence, make_plan, write_sft_data
+from nanoseek.speedrun import STAGE_SHARES, Clock, Plan, edge_of_competence, make_plan, write_sft_data
 from nanoseek.train.pretrain import cpu_workers
 
 
@@ -86,6 +86,7 @@ def test_budget_plans():
     # the probe asks only for levels the task has: countdown starts at two numbers
     assert make_plan(task="countdown", device="cpu").probe_difficulties == (2, 3, 4, 5)
     assert make_plan(task="arithmetic", preset="smoke", device="cpu").probe_difficulties == (1, 2)
+    assert Plan(preset="tiny", minutes=30).probe_difficulties == (2, 3, 4, 5)  # the default task, countdown
     clock = Clock(30.0, spent_minutes=10.0)
     assert clock.left() == pytest.approx(20.0, abs=0.01)
     # what is left after the reserve is shared by the remaining stages' weights
@@ -100,10 +101,12 @@ def test_the_edge_of_competence_is_the_easiest_level_not_yet_learnt():
 
 
 def test_sft_data_sits_at_the_edge_and_below_never_above(tmp_path):
-    rows = [json.loads(line) for line in write_sft_data(tmp_path / "cd.jsonl", "countdown", 2, 60).open()]
-    assert len(rows) == 60  # countdown has no level 1, so every problem has exactly two numbers
-    assert all(len(re.search(r"\[(.*?)\]", r["messages"][0]["content"]).group(1).split(",")) == 2 for r in rows)
-    rows = [json.loads(line) for line in write_sft_data(tmp_path / "ar.jsonl", "arithmetic", 2, 200).open()]
-    longest = [max(len(n) for n in re.findall(r"\d+", r["messages"][0]["content"].split("Compute")[1])) for r in rows]
-    assert set(longest) == {1, 2}  # the edge (2 digits) and the level below it, not 3
+    def prompts(task, num):
+        lines = write_sft_data(tmp_path / task, task, 2, num).read_text().splitlines()
+        return [json.loads(line)["messages"][0]["content"] for line in lines]
 
+    countdown = prompts("countdown", 60)
+    assert len(countdown) == 60  # countdown has no level 1, so every problem has exactly two numbers
+    assert all(len(re.search(r"\[(.*?)\]", p).group(1).split(",")) == 2 for p in countdown)
+    longest = [max(len(n) for n in re.findall(r"\d+", p.split("Compute")[1])) for p in prompts("arithmetic", 200)]
+    assert set(longest) == {1, 2}  # the edge (2 digits) and the level below it, not 3
