@@ -28,7 +28,7 @@ import torch
 from nanoseek.atomic import atomic_write_text
 from nanoseek.checkpoint import atomic_write_json
 from nanoseek.config import preset
-from nanoseek.data.tasks import get_task
+from nanoseek.data.tasks import conversation, get_task
 from nanoseek.evaluate import evaluate_task
 from nanoseek.train.grpo import TRAIN_DEFAULTS as GRPO_DEFAULTS
 from nanoseek.train.grpo import GRPOConfig, grpo
@@ -195,8 +195,7 @@ def phase_distill(a, teacher: Path, out: Path, difficulty: str, tokenizer_dir: P
         rows = []
         for i in range(traces["traces"]):
             problem = task.sample("train", 7_000_000 + i, levels[i % len(levels)])
-            rows.append({"messages": [{"role": "user", "content": task.prompt(problem)},
-                                      {"role": "assistant", "content": task.solution(problem)}]})
+            rows.append(conversation(task, problem))
         data = out / "distill_control.jsonl"
         atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
         sft(base / "model", data, control, dataclasses.replace(train, steps=steps))

@@ -20,7 +20,7 @@ from typing import Any
 
 from nanoseek import cost
 from nanoseek.atomic import atomic_write_json, atomic_write_text
-from nanoseek.data.tasks import get_task
+from nanoseek.data.tasks import conversation, get_task
 
 # Shares of the training time left (evaluation and data preparation are paid for out of the same clock).
 STAGE_SHARES = {"pretrain": 0.55, "sft": 0.10, "grpo": 0.35}
@@ -167,8 +167,7 @@ def write_sft_data(path: Path, task_name: str, difficulty: int, num: int, seed: 
     rows = []
     for i in range(num):
         problem = task.sample("train", seed * 1_000_003 + i, rng.choice(levels))
-        rows.append({"messages": [{"role": "user", "content": task.prompt(problem)},
-                                  {"role": "assistant", "content": task.solution(problem)}]})
+        rows.append(conversation(task, problem))
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 

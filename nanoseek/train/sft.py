@@ -24,7 +24,7 @@ import torch
 
 from nanoseek.checkpoint import atomic_write_json, atomic_write_text, load_model, resolve_model_dir, save_model
 from nanoseek.data.sources import read_jsonl_rows
-from nanoseek.data.tasks import get_task, is_well_formed
+from nanoseek.data.tasks import conversation, get_task, is_well_formed
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import Trainer, TrainConfig, peak_precision
@@ -237,8 +237,7 @@ def teacher_traces(teacher, task_name: str, num_prompts: int, samples: int = 4, 
             if ok and o.text.strip() not in kept and len(kept) < per_prompt:
                 kept.append(o.text.strip())
         solved += bool(kept)
-        rows += [{"messages": [{"role": "user", "content": task.prompt(p)}, {"role": "assistant", "content": t}],
-                  "difficulty": p.difficulty} for t in kept]
+        rows += [{**conversation(task, p, t), "difficulty": p.difficulty} for t in kept]
     stats = {"prompts": num_prompts, "samples": samples, "generated": len(outs), "correct": correct,
              "acceptance_rate": correct / len(outs), "prompts_solved": solved, "traces": len(rows),
              "generation_seconds": time.perf_counter() - t0}

@@ -25,7 +25,7 @@ TASKS: dict[str, Task] = {m.NAME: m for m in (arithmetic, countdown)}  # type: i
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 
 __all__ = ["TASKS", "Task", "Problem", "Reward", "RewardConfig", "get_task", "builtin_corpus", "document",
-           "extract_answer", "is_well_formed", "split_of", "EVAL_BUCKETS"]
+           "conversation", "extract_answer", "is_well_formed", "split_of", "EVAL_BUCKETS"]
 
 
 def get_task(name: str) -> Task:
@@ -40,6 +40,12 @@ def document(task: Task, problem: Problem, rng: random.Random | None = None) -> 
     (what the shard builder does to every document) it is exactly the chat template's rendering, so a model
     pretrained on it already speaks the format that SFT, RL and `chat` use."""
     return f"{USER}{task.prompt(problem)}{ASSISTANT}{task.solution(problem, rng)}"
+
+
+def conversation(task: Task, problem: Problem, answer: str | None = None) -> dict:
+    """One SFT row in the OpenAI `messages` format: the prompt, and `answer` (default: the worked solution)."""
+    answer = task.solution(problem) if answer is None else answer
+    return {"messages": [{"role": "user", "content": task.prompt(problem)}, {"role": "assistant", "content": answer}]}
 
 
 def builtin_corpus(num_docs: int, seed: int = 0, *, tasks: Sequence[str] | None = None,
