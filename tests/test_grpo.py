@@ -142,8 +142,9 @@ def _batches(smoke_model, **kw):
     from nanoseek.checkpoint import load_model
     from nanoseek.tokenizer import Tokenizer
 
-    cfg = GRPOConfig(task="arithmetic", difficulty="2", group_size=2, prompts_per_step=3, max_new_tokens=4,
-                     max_batch=16, **kw).validate()
+    kw = {"task": "arithmetic", "difficulty": "2", "group_size": 2, "prompts_per_step": 3, "max_new_tokens": 4,
+          "max_batch": 16, **kw}
+    cfg = GRPOConfig(**kw).validate()
     model = load_model(smoke_model / "model", dtype=torch.float32)
     fn = load_reward_fn(cfg.reward) if cfg.reward else None
     return RolloutBatches(model, Tokenizer.load(smoke_model / "model"), cfg, num_chunks=2, reward_fn=fn)
@@ -160,6 +161,43 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills(smoke_model, reward_m
     b = _batches(smoke_model, reward=f"{reward_module}:parity")
     adv = torch.cat([c.advantages for c in b.make_rollout()]).view(3, 2)
     assert (adv.abs().sum(dim=1) == 0).any() and b.counter == 3
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_micro_batches_are_sorted_trimmed_and_give_the_whole_batch_gradient(smoke_model, reward_module, loss_type):
+    """Each micro-batch is padded only to its own longest sequence, and their gradients add up to the gradient of
+    the whole rollout padded as one batch (so the sorting and trimming change speed, not the update)."""
+    from nanoseek.train.grpo import make_loss_fn, token_logps
+
+    b = _batches(smoke_model, reward=f"{reward_module}:even_tokens", max_new_tokens=8, loss_type=loss_type)
+    chunks = b.make_rollout()
+    lengths = [(c.input_ids != b.tok.pad_id).sum(1).tolist() for c in chunks]
+    assert all(c.input_ids.shape[1] == max(n) for c, n in zip(chunks, lengths))  # trimmed to its own longest
+    assert max(lengths[0]) <= min(lengths[1])  # sorted by length across micro-batches
+    assert len({n for ns in lengths for n in ns}) > 1  # the rollout has lengths to sort
+
+    model, params = b.model, [p for p in b.model.parameters()]
+    fn = make_loss_fn(b.cfg)
+    model.zero_grad()
+    for c in chunks:
+        (fn(model, c)[0] / len(chunks)).backward()  # what the loop does with grad_accum micro-batches
+    chunked = [p.grad.clone() for p in params if p.grad is not None]
+
+    L = max(c.input_ids.shape[1] for c in chunks)
+    ids = torch.cat([_pad_right(c.input_ids, L, b.tok.pad_id) for c in chunks])
+    mask = torch.cat([_pad_right(c.mask, L - 1, 0) for c in chunks])
+    adv = torch.cat([c.advantages for c in chunks])
+    model.zero_grad()
+    logps = token_logps(model, ids, b.cfg.temperature)
+    grpo_loss(logps, None, None, adv, mask, loss_type=loss_type)[0].backward()
+    whole = [p.grad.clone() for p in params if p.grad is not None]
+    assert len(whole) == len(chunked) and any(g.abs().sum() > 0 for g in whole)
+    for g1, g2 in zip(chunked, whole):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def _pad_right(x: torch.Tensor, width: int, value) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
 def test_reward_callables_load_and_are_checked(smoke_model, reward_module):

@@ -412,34 +412,43 @@ class RolloutBatches:
 
     @torch.no_grad()
     def _tensorize(self, groups: list[tuple]) -> list[MicroBatch]:
+        """The rollout as `num_chunks` micro-batches. Sequences are sorted by length and each micro-batch is padded
+        only to its own longest: padding everything to the rollout's longest made the update 1.5x slower on
+        countdown (lengths 50-170 tokens). The loss does not care which sequences share a micro-batch: advantages
+        are already per sequence and the normalisers are the whole rollout's."""
         cfg = self.cfg
         device = next(self.model.parameters()).device
         adv = group_advantages(torch.tensor([g[3] for g in groups], dtype=torch.float32), cfg.scale).flatten()
         outs = [o for g in groups for o in g[2]]
-        L = max(o.prompt_tokens + len(o.token_ids) for o in outs)
-        ids = torch.full((len(outs), L), self.tok.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(outs), L - 1)
-        for i, o in enumerate(outs):
-            seq = o.prompt_token_ids + o.token_ids
-            ids[i, :len(seq)] = torch.tensor(seq)
-            if not (cfg.overlong == "mask" and o.finish_reason == "length"):
-                mask[i, o.prompt_tokens - 1:len(seq) - 1] = 1.0  # targets o.token_ids
-        ids, mask, adv = ids.to(device), mask.to(device), adv.to(device)
-        ref = None
-        if self.ref is not None:
-            ref = torch.cat([token_logps(self.ref, ids[j:j + cfg.max_batch], cfg.temperature)
-                             for j in range(0, len(outs), cfg.max_batch)])
-            self.ref_tokens += sum(o.prompt_tokens + len(o.token_ids) for o in outs)
+        order = sorted(range(len(outs)), key=lambda i: outs[i].prompt_tokens + len(outs[i].token_ids))
+        trained_tokens = sum(len(o.token_ids) for o in outs if not self._masked(o))
         n = len(outs)
         k = min(self.num_chunks, n)
         bounds = [round(j * n / k) for j in range(k + 1)]
         chunks = []
         for a, b in zip(bounds, bounds[1:]):
-            real = sum(outs[i].prompt_tokens + len(outs[i].token_ids) for i in range(a, b))
-            chunks.append(MicroBatch(ids[a:b], mask[a:b], adv[a:b], None if ref is None else ref[a:b], None,
-                                     n / self.num_chunks, float(mask.sum()) / self.num_chunks, real, {}))
+            part = [outs[i] for i in order[a:b]]
+            seqs = [o.prompt_token_ids + o.token_ids for o in part]
+            L = max(map(len, seqs))
+            ids = torch.full((len(part), L), self.tok.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(part), L - 1)
+            for i, (o, seq) in enumerate(zip(part, seqs)):
+                ids[i, :len(seq)] = torch.tensor(seq)
+                if not self._masked(o):
+                    mask[i, o.prompt_tokens - 1:len(seq) - 1] = 1.0  # targets o.token_ids
+            ids, mask = ids.to(device), mask.to(device)
+            ref = None
+            if self.ref is not None:  # scored once per rollout, without gradients
+                ref = token_logps(self.ref, ids, cfg.temperature)
+                self.ref_tokens += sum(map(len, seqs))
+            chunks.append(MicroBatch(ids, mask, adv[order[a:b]].to(device), ref, None, n / self.num_chunks,
+                                     trained_tokens / self.num_chunks, sum(map(len, seqs)), {}))
         assert len(chunks) == self.num_chunks, (len(chunks), self.num_chunks)  # P*G >= num_chunks by construction
         return chunks
+
+    def _masked(self, out) -> bool:
+        """Overlong masking: a completion cut off by the token limit trains nothing."""
+        return self.cfg.overlong == "mask" and out.finish_reason == "length"
 
 
 def make_loss_fn(cfg: GRPOConfig) -> Callable:
