@@ -176,7 +176,7 @@ def test_micro_batches_are_sorted_trimmed_and_give_the_whole_batch_gradient(smok
     assert max(lengths[0]) <= min(lengths[1])  # sorted by length across micro-batches
     assert len({n for ns in lengths for n in ns}) > 1  # the rollout has lengths to sort
 
-    model, params = b.model, [p for p in b.model.parameters()]
+    model, params = b.model, list(b.model.parameters())
     fn = make_loss_fn(b.cfg)
     model.zero_grad()
     for c in chunks:

@@ -413,8 +413,8 @@ class RolloutBatches:
     @torch.no_grad()
     def _tensorize(self, groups: list[tuple]) -> list[MicroBatch]:
         """The rollout as `num_chunks` micro-batches. Sequences are sorted by length and each micro-batch is padded
-        only to its own longest: padding everything to the rollout's longest made the update 1.5x slower on
-        countdown (lengths 50-170 tokens). The loss does not care which sequences share a micro-batch: advantages
+        only to its own longest: padding everything to the rollout's longest made the update 1.5x slower on a
+        countdown rollout (101 tokens on average, 174 at the longest). The loss does not care which sequences share a micro-batch: advantages
         are already per sequence and the normalisers are the whole rollout's."""
         cfg = self.cfg
         device = next(self.model.parameters()).device
@@ -437,12 +437,13 @@ class RolloutBatches:
                 if not self._masked(o):
                     mask[i, o.prompt_tokens - 1:len(seq) - 1] = 1.0  # targets o.token_ids
             ids, mask = ids.to(device), mask.to(device)
+            real = sum(map(len, seqs))
             ref = None
             if self.ref is not None:  # scored once per rollout, without gradients
                 ref = token_logps(self.ref, ids, cfg.temperature)
-                self.ref_tokens += sum(map(len, seqs))
+                self.ref_tokens += real
             chunks.append(MicroBatch(ids, mask, adv[order[a:b]].to(device), ref, None, n / self.num_chunks,
-                                     trained_tokens / self.num_chunks, sum(map(len, seqs)), {}))
+                                     trained_tokens / self.num_chunks, real, {}))
         assert len(chunks) == self.num_chunks, (len(chunks), self.num_chunks)  # P*G >= num_chunks by construction
         return chunks
 
