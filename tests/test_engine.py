@@ -130,6 +130,31 @@ def test_continuous_batching_requests_joining_at_different_steps_equal_reference
         assert sum(o.num_accepted for o in outputs.values()) > 0
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_identical_prompts_are_prefilled_once_and_decode_as_if_alone(speculative):
+    model = _rigged() if speculative else _model()
+    engine = Engine(model, max_batch=8)
+    rows = []  # batch size of every prefill forward of the main model
+    forward = model.hidden_states
+
+    def counting(ids, *args, **kw):
+        if kw.get("prefill"):
+            rows.append(ids.shape[0])
+        return forward(ids, *args, **kw)
+
+    model.hidden_states = counting
+    a, b, c = [5, 6, 7], [8, 9, 10], [11, 12, 13]
+    prompts = [a, b, a, a, b, c]
+    greedy = engine.generate(prompts, max_tokens=10, temperature=0, ignore_eos=True, speculative=speculative)
+    assert rows == [3]  # one forward, one row per distinct prompt
+    for p, out in zip(prompts, greedy):
+        assert out.token_ids == _reference(model, p, 10)[0]
+    kw = dict(max_tokens=12, temperature=1.0, ignore_eos=True, speculative=speculative)
+    group = engine.generate([a] * 4, seed=7, **kw)  # G samples of one prompt: seeds 7..10
+    assert [o.token_ids for o in group] == [engine.generate([a], seed=7 + i, **kw)[0].token_ids for i in range(4)]
+    assert len({tuple(o.token_ids) for o in group}) > 1
+
+
 def test_prefill_groups_prompts_of_similar_length():
     from nanoseek.infer.engine import PREFILL_FILL, PREFILL_TOKENS, _by_length, _Seq
 

@@ -164,17 +164,27 @@ def test_dynamic_sampling_drops_uniform_groups_and_refills(smoke_model, reward_m
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_micro_batches_are_sorted_trimmed_and_give_the_whole_batch_gradient(smoke_model, reward_module, loss_type):
-    """Each micro-batch is padded only to its own longest sequence, and their gradients add up to the gradient of
-    the whole rollout padded as one batch (so the sorting and trimming change speed, not the update)."""
-    from nanoseek.train.grpo import make_loss_fn, token_logps
+def test_micro_batches_share_prompts_are_trimmed_and_give_the_whole_batch_gradient(smoke_model, reward_module,
+                                                                                    loss_type):
+    """A micro-batch holds each distinct prompt once and its completions sorted and padded only to their own
+    longest; the micro-batches' gradients add up to the gradient of one plain causal forward over every
+    prompt + completion (so sharing, sorting and trimming change speed, not the update)."""
+    from nanoseek.train.grpo import make_loss_fn
 
-    b = _batches(smoke_model, reward=f"{reward_module}:even_tokens", max_new_tokens=8, loss_type=loss_type)
-    chunks = b.make_rollout()
-    lengths = [(c.input_ids != b.tok.pad_id).sum(1).tolist() for c in chunks]
-    assert all(c.input_ids.shape[1] == max(n) for c, n in zip(chunks, lengths))  # trimmed to its own longest
-    assert max(lengths[0]) <= min(lengths[1])  # sorted by length across micro-batches
-    assert len({n for ns in lengths for n in ns}) > 1  # the rollout has lengths to sort
+    import dataclasses
+
+    b = _batches(smoke_model, max_new_tokens=8, loss_type=loss_type, group_size=4, prompts_per_step=2)
+    prompts, columns, outputs = b.sample_groups(2)
+    cut = [3, 8, 1, 5, 6, 2, 7, 4]  # completions of mixed lengths (this model rarely ends one by itself)
+    outputs = [[dataclasses.replace(o, token_ids=o.token_ids[:cut[4 * g + i]]) for i, o in enumerate(group)]
+               for g, group in enumerate(outputs)]
+    rewards = [[float(len(o.token_ids) % 2) for o in group] for group in outputs]  # mixed in both groups
+    chunks = b._tensorize([(p, c, o, r) for p, c, o, r in zip(prompts, columns, outputs, rewards)])
+    lengths = [c.mask.sum(1).long().tolist() for c in chunks]  # overlong "none": every completion token trains
+    assert lengths == [[1, 2, 3, 4], [5, 6, 7, 8]]  # sorted by length across micro-batches
+    assert all(c.completion_ids.shape[1] == max(n) for c, n in zip(chunks, lengths))  # trimmed to its own longest
+    for c in chunks:  # 4 completions of at most 2 prompts: each prompt once, and every one used
+        assert sorted(set(c.prompt_index.tolist())) == list(range(len(c.prompt_ids))) and len(c.prompt_ids) <= 2
 
     model, params = b.model, list(b.model.parameters())
     fn = make_loss_fn(b.cfg)
@@ -183,12 +193,22 @@ def test_micro_batches_are_sorted_trimmed_and_give_the_whole_batch_gradient(smok
         (fn(model, c)[0] / len(chunks)).backward()  # what the loop does with grad_accum micro-batches
     chunked = [p.grad.clone() for p in params if p.grad is not None]
 
-    L = max(c.input_ids.shape[1] for c in chunks)
-    ids = torch.cat([_pad_right(c.input_ids, L, b.tok.pad_id) for c in chunks])
-    mask = torch.cat([_pad_right(c.mask, L - 1, 0) for c in chunks])
+    # the definition: each prompt + completion as one right-padded row of one plain forward
+    rows, starts = [], []
+    for c in chunks:
+        for j, i in enumerate(c.prompt_index.tolist()):
+            prompt = c.prompt_ids[i, :c.prompt_lengths[i]]
+            rows.append(torch.cat((prompt, c.completion_ids[j])))
+            starts.append(len(prompt))
+    Lc = max(c.completion_ids.shape[1] for c in chunks)
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=b.tok.pad_id)
+    ids = _pad_right(ids, max(starts) + Lc, b.tok.pad_id)
+    take = torch.tensor(starts)[:, None] + torch.arange(Lc)  # completion positions, row by row
+    mask = torch.cat([_pad_right(c.mask, Lc, 0) for c in chunks])
     adv = torch.cat([c.advantages for c in chunks])
     model.zero_grad()
-    logps = token_logps(model, ids, b.cfg.temperature)
+    logp = torch.log_softmax(model(ids).float() / b.cfg.temperature, dim=-1)
+    logps = logp[torch.arange(len(rows))[:, None], take - 1].gather(2, ids.gather(1, take)[..., None]).squeeze(2)
     grpo_loss(logps, None, None, adv, mask, loss_type=loss_type)[0].backward()
     whole = [p.grad.clone() for p in params if p.grad is not None]
     assert len(whole) == len(chunked) and any(g.abs().sum() > 0 for g in whole)

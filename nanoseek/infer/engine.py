@@ -339,17 +339,28 @@ class Engine:
                 self.abort(rid)
 
     # ------------------------------------------------------------------------------------------ forwards
+    def _slots(self, seqs: list[_Seq]) -> torch.Tensor:
+        return torch.tensor([s.slot for s in seqs], device=self.device)
+
     def _prefill(self, seqs: list[_Seq]) -> None:
-        """Full attention over each new prompt (right-padded to a common length) and the first token."""
+        """Full attention over each new prompt (right-padded to a common length) and the first token. Identical
+        prompts (G samples of one prompt, as GRPO and pass@k ask for) run once; the others copy its cache."""
+        first: dict[tuple[int, ...], int] = {}
+        which = [first.setdefault(tuple(s.prompt), len(first)) for s in seqs]
+        unique = [seqs[which.index(u)] for u in range(len(first))]
         B, T = len(seqs), max(len(s.prompt) for s in seqs)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        for b, s in enumerate(seqs):
+        ids = torch.zeros(len(unique), T, dtype=torch.long)
+        for b, s in enumerate(unique):
             ids[b, : len(s.prompt)] = torch.tensor(s.prompt)
         ids = ids.to(self.device)
-        pos = torch.arange(T, device=self.device).expand(B, T)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        pos = torch.arange(T, device=self.device).expand(len(unique), T)
+        h = self.model.hidden_states(ids, pos, self.cache.bind(self._slots(unique), pos), prefill=True)
+        for s, u in zip(seqs, which):
+            if s is not unique[u]:
+                self.cache.move(unique[u].slot, s.slot, len(s.prompt))
+        rows = torch.tensor(which, device=self.device)
+        h, ids, pos, slots = h[rows], ids[rows], pos[rows], self._slots(seqs)
         last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
-        h = self.model.hidden_states(ids, pos, self.cache.bind(slots, pos), prefill=True)
         h_last = h[torch.arange(B, device=self.device), last]
         logits = self.model.lm_head(h_last).float()
         tokens = self._choose(seqs, logits)
@@ -371,7 +382,7 @@ class Engine:
         """One token for every row: a [B, 1] forward over the cache, each row at its own position."""
         tokens = torch.tensor([[s.out[-1]] for s in seqs], device=self.device)
         pos = torch.tensor([[s.n_cached] for s in seqs], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        slots = self._slots(seqs)
         logits = self.model(tokens, pos, self.cache.bind(slots, pos), prefill=False)[:, 0].float()
         chosen = self._choose(seqs, logits)
         for b, (s, t) in enumerate(zip(seqs, chosen)):
@@ -387,7 +398,7 @@ class Engine:
         n = torch.tensor([s.n_cached for s in seqs], device=dev)
         tokens = torch.tensor([[s.out[-1], d] for s, d in zip(seqs, drafts)], device=dev)
         pos = torch.stack([n, n + 1], dim=1)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        slots = self._slots(seqs)
         h = self.model.hidden_states(tokens, pos, self.cache.bind(slots, pos), prefill=False)
         logits = self.model.lm_head(h).float()
         u = self._uniforms(seqs, 3).to(dev)
@@ -444,7 +455,7 @@ class Engine:
         if live:
             hp = torch.stack(mtp_h)
             mpos = torch.tensor(mtp_pos, device=dev)
-            mslots = torch.tensor([s.slot for s in live], device=dev)
+            mslots = self._slots(live)
             m_logits, _ = self.model.mtp_step(0, hp, torch.tensor(mtp_tok, device=dev), mpos,
                                               self.cache.bind(mslots, mpos), prefill=False)
             self._set_drafts(live, m_logits[:, 1])

@@ -185,12 +185,46 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     return loss, stats
 
 
-def token_logps(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(input_ids[:, t+1] | ..t) for every t: [B, T-1], at the sampling temperature (the policy we sampled)."""
-    logits = model(input_ids)[:, :-1].float()
+class PromptLatents:
+    """A differentiable `LatentCacheView` that lets G completions share one forward of their prompt.
+
+    The first forward (the distinct prompts, prefill) records every layer's latents; the second (the completions)
+    reads them back: each completion token attends to its own prompt's tokens and to its own earlier completion
+    tokens. Gradients flow through both forwards, so this computes exactly what one forward over every
+    prompt + completion would, without running each prompt G times."""
+
+    def __init__(self, prompt_lengths: torch.Tensor, prompt_index: torch.Tensor, completion_len: int):
+        n, Lc, Lp = len(prompt_index), completion_len, int(prompt_lengths.max())
+        dev = prompt_lengths.device
+        own_prompt = torch.arange(Lp, device=dev)[None, :] < prompt_lengths[prompt_index][:, None]  # [n, Lp]
+        causal = torch.ones(Lc, Lc, dtype=torch.bool, device=dev).tril()
+        self.mask = torch.cat((own_prompt[:, None].expand(n, Lc, Lp), causal.expand(n, Lc, Lc)), dim=2)
+        self.index = prompt_index
+        self.latents: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, read: bool = True):
+        new = torch.cat((c_kv, k_pe), dim=-1)
+        if not read:  # the prompts' forward
+            self.latents[layer] = new
+            return None
+        return torch.cat((self.latents[layer][self.index], new), dim=1), self.mask
+
+
+def token_logps(model: DeepseekV3ForCausalLM, mb: "MicroBatch", temperature: float = 1.0) -> torch.Tensor:
+    """log p(completion token t | its prompt, completion tokens < t) for every completion position: [n, Lc], at
+    the sampling temperature (the policy we sampled). Each distinct prompt runs through the model once: with G
+    samples per prompt, running it per sample made prompts over half of a countdown update's tokens."""
+    latents = PromptLatents(mb.prompt_lengths, mb.prompt_index, mb.completion_ids.shape[1])
+    h_prompt = model.hidden_states(mb.prompt_ids, cache=latents, prefill=True)
+    first = h_prompt[torch.arange(len(h_prompt), device=h_prompt.device), mb.prompt_lengths - 1]  # -> token 0
+    start = mb.prompt_lengths[mb.prompt_index, None]
+    pos = start + torch.arange(mb.completion_ids.shape[1], device=start.device)
+    h = model.hidden_states(mb.completion_ids, pos, latents, prefill=False)
+    h = torch.cat((first[mb.prompt_index, None], h[:, :-1]), dim=1)  # position t predicts completion token t
+    logits = model.lm_head(h).float()
     if temperature != 1.0:
         logits = logits / temperature
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:, None]).squeeze(2)
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, mb.completion_ids[:, :, None]).squeeze(2)
 
 
 def select_groups(rewards: list[list[float]], needed: int) -> list[int]:
@@ -282,14 +316,17 @@ def score_completions(cfg: GRPOConfig, task, reward_fn: RewardFn | None, prompts
 # ============================================================================ rollouts as the loop's batches
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # [n, L] prompt + completion, right-padded
-    mask: torch.Tensor  # [n, L-1] 1 where the target token is a trained completion token
+    prompt_ids: torch.Tensor  # [p, Lp] the distinct prompts of these completions, right-padded
+    prompt_lengths: torch.Tensor  # [p]
+    prompt_index: torch.Tensor  # [n] which prompt each completion continues
+    completion_ids: torch.Tensor  # [n, Lc] right-padded
+    mask: torch.Tensor  # [n, Lc] 1 on the completion tokens that are trained
     advantages: torch.Tensor  # [n]
-    ref_logps: torch.Tensor | None  # [n, L-1]
-    old_logps: torch.Tensor | None  # [n, L-1], filled by the first pass
+    ref_logps: torch.Tensor | None  # [n, Lc]
+    old_logps: torch.Tensor | None  # [n, Lc], filled by the first pass
     num_sequences: float  # whole-batch normalisers / number of micro-batches (see grpo_loss)
     num_tokens: float
-    tokens: int  # real (non-pad) tokens in this micro-batch
+    tokens: int  # real (non-pad) tokens the forward runs over: each distinct prompt once, every completion
     metrics: dict[str, float]  # the rollout's statistics (same for each micro-batch of a step)
 
 
@@ -412,15 +449,16 @@ class RolloutBatches:
 
     @torch.no_grad()
     def _tensorize(self, groups: list[tuple]) -> list[MicroBatch]:
-        """The rollout as `num_chunks` micro-batches. Sequences are sorted by length and each micro-batch is padded
-        only to its own longest: padding everything to the rollout's longest made the update 1.5x slower on a
-        countdown rollout (101 tokens on average, 174 at the longest). The loss does not care which sequences share a micro-batch: advantages
-        are already per sequence and the normalisers are the whole rollout's."""
-        cfg = self.cfg
+        """The rollout as `num_chunks` micro-batches. Completions are sorted by length and each micro-batch is
+        padded only to its own longest: padding everything to the rollout's longest made the update 1.5x slower
+        on a countdown rollout (101 tokens on average, 174 at the longest). A micro-batch holds each of its
+        distinct prompts once (see `token_logps`). The loss does not care which completions share a micro-batch:
+        advantages are already per sequence and the normalisers are the whole rollout's."""
+        cfg, pad = self.cfg, self.tok.pad_id
         device = next(self.model.parameters()).device
         adv = group_advantages(torch.tensor([g[3] for g in groups], dtype=torch.float32), cfg.scale).flatten()
         outs = [o for g in groups for o in g[2]]
-        order = sorted(range(len(outs)), key=lambda i: outs[i].prompt_tokens + len(outs[i].token_ids))
+        order = sorted(range(len(outs)), key=lambda i: len(outs[i].token_ids))
         trained_tokens = sum(len(o.token_ids) for o in outs if not self._masked(o))
         n = len(outs)
         k = min(self.num_chunks, n)
@@ -428,22 +466,23 @@ class RolloutBatches:
         chunks = []
         for a, b in zip(bounds, bounds[1:]):
             part = [outs[i] for i in order[a:b]]
-            seqs = [o.prompt_token_ids + o.token_ids for o in part]
-            L = max(map(len, seqs))
-            ids = torch.full((len(part), L), self.tok.pad_id, dtype=torch.long)
-            mask = torch.zeros(len(part), L - 1)
-            for i, (o, seq) in enumerate(zip(part, seqs)):
-                ids[i, :len(seq)] = torch.tensor(seq)
+            prompts: dict[tuple[int, ...], int] = {}
+            index = [prompts.setdefault(tuple(o.prompt_token_ids), len(prompts)) for o in part]
+            completions = _right_padded([o.token_ids for o in part], pad)
+            mask = torch.zeros(completions.shape)
+            for i, o in enumerate(part):
                 if not self._masked(o):
-                    mask[i, o.prompt_tokens - 1:len(seq) - 1] = 1.0  # targets o.token_ids
-            ids, mask = ids.to(device), mask.to(device)
-            real = sum(map(len, seqs))
-            ref = None
+                    mask[i, :len(o.token_ids)] = 1.0
+            mb = MicroBatch(_right_padded(list(prompts), pad).to(device),
+                            torch.tensor([len(p) for p in prompts], device=device),
+                            torch.tensor(index, device=device), completions.to(device), mask.to(device),
+                            adv[order[a:b]].to(device), None, None, n / self.num_chunks,
+                            trained_tokens / self.num_chunks,
+                            sum(map(len, prompts)) + sum(len(o.token_ids) for o in part), {})
             if self.ref is not None:  # scored once per rollout, without gradients
-                ref = token_logps(self.ref, ids, cfg.temperature)
-                self.ref_tokens += real
-            chunks.append(MicroBatch(ids, mask, adv[order[a:b]].to(device), ref, None, n / self.num_chunks,
-                                     trained_tokens / self.num_chunks, real, {}))
+                mb.ref_logps = token_logps(self.ref, mb, cfg.temperature)
+                self.ref_tokens += mb.tokens
+            chunks.append(mb)
         assert len(chunks) == self.num_chunks, (len(chunks), self.num_chunks)  # P*G >= num_chunks by construction
         return chunks
 
@@ -452,9 +491,16 @@ class RolloutBatches:
         return self.cfg.overlong == "mask" and out.finish_reason == "length"
 
 
+def _right_padded(rows: list, pad: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
 def make_loss_fn(cfg: GRPOConfig) -> Callable:
     def loss_fn(model: DeepseekV3ForCausalLM, mb: MicroBatch, mtp_weight: float | None = None):
-        logps = token_logps(model, mb.input_ids, cfg.temperature)
+        logps = token_logps(model, mb, cfg.temperature)
         if mb.old_logps is None:
             mb.old_logps = logps.detach()  # first pass: the sampling policy itself
         loss, stats = grpo_loss(logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.mask,
