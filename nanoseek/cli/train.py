@@ -94,7 +94,9 @@ def _add_grpo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-samples", type=int, default=0,
                    help="also log R1's sampled pass@1 (temperature 0.6, top-p 0.95) over this many samples per "
                         "problem (default 0: greedy only)")
-    p.add_argument("--max-batch", type=int, default=64, help="sequences the engine decodes together (default 64)")
+    p.add_argument("--max-batch", type=int, default=256,
+                   help="sequences the engine decodes together in rollouts and evaluation (default 256; its latent "
+                        "cache holds this many x (256 + max new tokens) tokens)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     add_training_flags(p)
     p.set_defaults(func=_cmd_grpo)
