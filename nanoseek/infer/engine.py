@@ -2,7 +2,7 @@
 
 One `Engine` owns a model and a `LatentCache` with `max_batch` slots. Requests wait in a queue; each `step()`
 1. admits waiting requests into free slots and prefills them (right-padded forwards of prompts of similar
-   length, full attention), and
+   length, full attention; identical prompts run once and the others copy its cache), and
 2. decodes every request that was already running with one forward over [B, 1] (absorbed attention over the
    cache, each row at its own position), or [B, 2] when speculating: the pending token plus the MTP draft.
 Finished requests leave at once and free their slot for the next step; the request in the highest slot moves
