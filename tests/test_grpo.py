@@ -284,6 +284,7 @@ def test_rl_climbs_a_reward_whose_optimum_is_known(smoke_model, reward_module, t
     (["--task", "arithmetic", "--group-size", "1"], "--group-size must be >= 2"),
     (["--task", "arithmetic", "--loss-type", "ppo"], "--loss-type 'ppo' is unknown"),
     (["--task", "arithmetic", "--overlong", "cut"], "--overlong 'cut' is unknown"),
+    (["--task", "arithmetic", "--max-batch", "0"], "--max-batch must be >= 1"),
     (["--data", "MALFORMED"], "line 2 is not valid JSON"),
 ])
 def test_bad_inputs_are_one_line(smoke_model, tmp_path, capsys, extra, message):

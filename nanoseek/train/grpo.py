@@ -112,6 +112,7 @@ class GRPOConfig:
         need(self.overlong in OVERLONG, f"--overlong {self.overlong!r} is unknown; use none, mask or penalty")
         need(self.max_sampling_rounds >= 1, "--max-sampling-rounds must be >= 1")
         need(self.eval_samples >= 0, f"--eval-samples must be >= 0, got {self.eval_samples}")
+        need(self.max_batch >= 1, f"--max-batch must be >= 1, got {self.max_batch}")
         return self
 
     @property
