@@ -51,7 +51,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--rollout-prompts", type=int, default=32, help="P' for the rollout timing (4P: a late round)")
     p.add_argument("--rows", default="64,128,256", help="engine rows to time the rollout at")
-    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a fresh smoke model, small shapes, one rep")
     p.add_argument("--no-write", action="store_true")

@@ -217,7 +217,7 @@ class PromptLatents:
 def token_logps(model: DeepseekV3ForCausalLM, mb: "MicroBatch", temperature: float = 1.0) -> torch.Tensor:
     """log p(completion token t | its prompt, completion tokens < t) for every completion position: [n, Lc], at
     the sampling temperature (the policy we sampled). Each distinct prompt runs through the model once: with G
-    samples per prompt, running it per sample made prompts over half of a countdown update's tokens."""
+    samples per prompt, running it per sample made prompts almost half of a countdown update's tokens."""
     latents = PromptLatents(mb.prompt_lengths, mb.prompt_index, mb.completion_ids.shape[1])
     h_prompt = model.hidden_states(mb.prompt_ids, cache=latents, prefill=True)
     first = h_prompt[torch.arange(len(h_prompt), device=h_prompt.device), mb.prompt_lengths - 1]  # -> token 0
