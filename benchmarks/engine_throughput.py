@@ -30,7 +30,7 @@ from nanoseek.checkpoint import save_model  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.model.transformer import DeepseekV3ForCausalLM  # noqa: E402
-from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
+from results_md import publish  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## Inference engine (issue 4)"
 # Measured once with cProfile on `runs/base` (not by this script): what a speculative step costs and why.
@@ -218,10 +218,7 @@ def main() -> None:
                   "`runs/` when this ran. A random model's MTP drafts are almost never accepted, so this row shows "
                   "the cost of speculating, not its benefit (target on a trained checkpoint: >= 1.5x).", ""]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, text)
-        print(f"wrote {RESULTS}")
+    publish(SECTION, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

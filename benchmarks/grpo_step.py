@@ -32,7 +32,7 @@ from nanoseek.config import preset
 from nanoseek.data.tasks import Problem, builtin_corpus, get_task
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
-from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
+from results_md import publish  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## GRPO step vs TRL (issue 5)"
 
@@ -175,10 +175,7 @@ def main() -> int:
         f"| TRL {trl_version} GRPOTrainer (transformers {transformers.__version__} generate) | {mt:.2f} | 1.0x |",
         "", f"Target: nanoseek >= 5x faster: **{'met' if mt / mo >= 5 else 'not met'}**. "
         f"Reproduce: `python benchmarks/grpo_step.py{' --quick' if a.quick else ''}`.", ""])
-    print(text)
-    if not a.no_write:
-        write_section(SECTION, text)
-        print(f"wrote {SECTION!r} in {RESULTS}")
+    publish(SECTION, text, write=not a.no_write)
     return 0
 
 

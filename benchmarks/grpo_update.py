@@ -33,8 +33,8 @@ from nanoseek.data.tasks import builtin_corpus
 from nanoseek.infer.engine import Engine
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.grpo import GRPOConfig, RolloutBatches, token_logps
-from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
+from nanoseek.train.grpo import GRPOConfig, RolloutBatches, right_padded, token_logps
+from results_md import publish  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## GRPO step, part by part (issue 5)"
 
@@ -68,19 +68,15 @@ def smoke_model(root: Path) -> Path:
     return save_model(DeepseekV3ForCausalLM(preset("smoke")), root / "model", tokenizer=tok)
 
 
-def right_padded(rows: list[list[int]], pad: int, width: int | None = None) -> torch.Tensor:
-    out = torch.full((len(rows), width or max(map(len, rows))), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r)
-    return out
-
-
 def main() -> int:
     a = parse()
     if a.threads:
         torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        directory = smoke_model(Path(tmp)) if a.quick else resolve_model_dir(a.model)
+        try:
+            directory = smoke_model(Path(tmp)) if a.quick else resolve_model_dir(a.model)
+        except FileNotFoundError as e:
+            raise SystemExit(f"grpo_update.py: {e}") from None
         tok = Tokenizer.load(directory)
         model = load_model(directory, dtype=torch.float32).train()
     torch.manual_seed(0)
@@ -153,10 +149,7 @@ def main() -> int:
         f"{a.max_new_tokens} each), the engine decoding this many rows at a time:", "",
         "| engine rows | seconds | new tokens/s |", "|---|---|---|",
         *[f"| {r} | {gen[r]:.2f} | {made / gen[r]:,.0f} |" for r in rows], ""])
-    print(text)
-    if not a.no_write:
-        write_section(SECTION, text)
-        print(f"wrote {SECTION!r} in {RESULTS}")
+    publish(SECTION, text, write=not a.no_write)
     return 0
 
 

@@ -16,3 +16,11 @@ def write_section(heading: str, text: str, path: Path = RESULTS) -> None:
     body = text.rstrip("\n") + "\n\n"
     new = pattern.sub(lambda _: body, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
     atomic_write_text(path, new.rstrip("\n") + "\n")
+
+
+def publish(heading: str, text: str, write: bool = True, path: Path = RESULTS) -> None:
+    """Print a benchmark's section and, with `write`, put it in RESULTS.md (see `write_section`)."""
+    print(text)
+    if write:
+        write_section(heading, text, path)
+        print(f"wrote {heading!r} in {path}")

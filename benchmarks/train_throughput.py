@@ -35,7 +35,7 @@ import torch
 from nanoseek.checkpoint import save_model
 from nanoseek.config import ModelConfig, preset
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
-from results_md import RESULTS, write_section  # noqa: E402 (benchmarks/ is the script's directory)
+from results_md import RESULTS, publish  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## Training throughput (issue 2)"
 
@@ -228,10 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             f"- model FLOPs: 6 x active matmul params per token + causal attention (`nanoseek.cost.flops_per_token`)"
             f"\n\n{table}\n")
     print()
-    print(text)
-    if not args.no_write:
-        write_section(SECTION, text)
-        print(f"wrote section to {RESULTS}")
+    publish(SECTION, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -472,12 +472,12 @@ class RolloutBatches:
             part = [outs[i] for i in order[a:b]]
             prompts: dict[tuple[int, ...], int] = {}
             index = [prompts.setdefault(tuple(o.prompt_token_ids), len(prompts)) for o in part]
-            completions = _right_padded([o.token_ids for o in part], pad)
+            completions = right_padded([o.token_ids for o in part], pad)
             mask = torch.zeros(completions.shape)
             for i, o in enumerate(part):
                 if not self._masked(o):
                     mask[i, :len(o.token_ids)] = 1.0
-            mb = MicroBatch(_right_padded(list(prompts), pad).to(device),
+            mb = MicroBatch(right_padded(list(prompts), pad).to(device),
                             torch.tensor([len(p) for p in prompts], device=device),
                             torch.tensor(index, device=device), completions.to(device), mask.to(device),
                             adv[order[a:b]].to(device), None, None, n / self.num_chunks,
@@ -495,8 +495,9 @@ class RolloutBatches:
         return self.cfg.overlong == "mask" and out.finish_reason == "length"
 
 
-def _right_padded(rows: list, pad: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+def right_padded(rows: list, pad: int, width: int | None = None) -> torch.Tensor:
+    """Token-id rows as one [len(rows), width or the longest] tensor, right-padded with `pad`."""
+    out = torch.full((len(rows), width or max(map(len, rows))), pad, dtype=torch.long)
     for i, row in enumerate(rows):
         out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
     return out
