@@ -348,7 +348,7 @@ class Engine:
         first: dict[tuple[int, ...], int] = {}
         which = [first.setdefault(tuple(s.prompt), len(first)) for s in seqs]
         unique = [seqs[which.index(u)] for u in range(len(first))]
-        B, T = len(seqs), max(len(s.prompt) for s in seqs)
+        T = max(len(s.prompt) for s in seqs)
         ids = torch.zeros(len(unique), T, dtype=torch.long)
         for b, s in enumerate(unique):
             ids[b, : len(s.prompt)] = torch.tensor(s.prompt)
@@ -358,11 +358,9 @@ class Engine:
         for s, u in zip(seqs, which):
             if s is not unique[u]:
                 self.cache.move(unique[u].slot, s.slot, len(s.prompt))
-        rows = torch.tensor(which, device=self.device)
-        h, ids, pos, slots = h[rows], ids[rows], pos[rows], self._slots(seqs)
+        rows = torch.tensor(which, device=self.device)  # each request's row of the forward
         last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
-        h_last = h[torch.arange(B, device=self.device), last]
-        logits = self.model.lm_head(h_last).float()
+        logits = self.model.lm_head(h[rows, last]).float()
         tokens = self._choose(seqs, logits)
         for b, s in enumerate(seqs):
             s.n_cached = len(s.prompt)
@@ -370,13 +368,15 @@ class Engine:
         spec = [b for b, s in enumerate(seqs) if s.params.speculative and self.has_mtp and s.finish_reason is None]
         if spec:  # MTP over positions 0..P-1: (h_i, t_{i+1}), the last pair using the token just chosen
             idx = torch.tensor(spec, device=self.device)
-            nxt = torch.cat([ids[idx, 1:], ids.new_zeros(len(spec), 1)], dim=1)
+            r, mpos = rows[idx], torch.arange(T, device=self.device).expand(len(spec), T)
+            nxt = torch.cat([ids[r, 1:], ids.new_zeros(len(spec), 1)], dim=1)
             nxt[torch.arange(len(spec), device=self.device), last[idx]] = torch.tensor(
                 [tokens[b] for b in spec], device=self.device)
-            logits, _ = self.model.mtp_step(0, h[idx], nxt, pos[idx], self.cache.bind(slots[idx], pos[idx]), prefill=True)
+            mslots = self._slots([seqs[b] for b in spec])
+            logits, _ = self.model.mtp_step(0, h[r], nxt, mpos, self.cache.bind(mslots, mpos), prefill=True)
             self._set_drafts([seqs[b] for b in spec], logits[torch.arange(len(spec), device=self.device), last[idx]])
-            for i, b in enumerate(spec):
-                seqs[b].h_prev = h[b, last[b]].clone()  # a copy: do not keep the whole prompt's states alive
+            for b in spec:
+                seqs[b].h_prev = h[rows[b], last[b]].clone()  # a copy: do not keep the whole prompt's states alive
 
     def _decode(self, seqs: list[_Seq]) -> None:
         """One token for every row: a [B, 1] forward over the cache, each row at its own position."""
