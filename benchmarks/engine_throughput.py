@@ -1,7 +1,7 @@
 """Decode throughput of nanoseek's engine vs transformers' `generate`, side by side, on one tiny checkpoint.
 
     python benchmarks/engine_throughput.py                 # tiny preset, random weights, CPU
-    python benchmarks/engine_throughput.py --device cuda --dtype bfloat16
+    python benchmarks/engine_throughput.py --device cuda --dtype bfloat16   # also the engine without CUDA graphs
     python benchmarks/engine_throughput.py --trained runs/tiny   # MTP speculation on a trained checkpoint
 
 Both sides load the same saved checkpoint, decode greedily with their cache, are warmed up first, and must make
@@ -33,6 +33,7 @@ from nanoseek.model.transformer import DeepseekV3ForCausalLM  # noqa: E402
 from results_md import publish  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## Inference engine (issue 4)"
+GPU_SECTION = "## Inference engine on a GPU (issue 4)"
 # Measured once with cProfile on `runs/base` (not by this script): what a speculative step costs and why.
 MTP_PROFILE = (
     "Why MTP gains less than its acceptance rate suggests (cProfile, batch 1, `runs/base`): a verify step runs the "
@@ -47,9 +48,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ours(engine: Engine, prompts: list[list[int]], new: int, device: str, speculative: bool = False):
+def time_ours(engine: Engine, prompts: list[list[int]], new: int, device: str, speculative: bool = False,
+              warm: bool = True):
     kw = dict(temperature=0.0, ignore_eos=True, speculative=speculative)
-    engine.generate(prompts, max_tokens=8, **kw)  # warm-up
+    if warm:  # full length: records every CUDA graph (and compiles every shape) the timed run needs
+        engine.generate(prompts, max_tokens=new, **kw)
     sync(device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, max_tokens=new, **kw)
@@ -60,10 +63,11 @@ def time_ours(engine: Engine, prompts: list[list[int]], new: int, device: str, s
 
 
 @torch.inference_mode()
-def time_hf(model, prompts: list[list[int]], new: int, device: str):
+def time_hf(model, prompts: list[list[int]], new: int, device: str, warm: bool = True):
     ids = torch.tensor(prompts, device=device)  # equal-length prompts: no padding needed
     kw = dict(do_sample=False, use_cache=True, pad_token_id=0, return_dict_in_generate=True)
-    model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
+    if warm:
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
     sync(device)
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
@@ -110,7 +114,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per contestant, best kept (default 3)")
     ap.add_argument("--trained", default=None, help="trained checkpoint for the MTP figure (default: newest under runs/)")
+    ap.add_argument("--compile", action="store_true", help="also time the engine with torch.compile'd layers")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
     args = ap.parse_args()
     if args.threads:
@@ -123,20 +129,35 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="nanoseek-bench-"))
     save_model(DeepseekV3ForCausalLM(cfg), tmp / "model")
     batches = [int(b) for b in args.batches.split(",")]
-    ours_engine = Engine(tmp / "model", dtype=dtype, device=args.device, max_batch=max(batches),
-                         max_len=args.prompt_len + args.new_tokens + 8)
+    gpu = args.device.startswith("cuda")
+    engine_kw = dict(dtype=dtype, device=args.device, max_batch=max(batches), max_len=args.prompt_len + args.new_tokens + 8)
+    ours_engine = Engine(tmp / "model", **engine_kw)
+    eager_engine = Engine(tmp / "model", cuda_graphs=False, **engine_kw) if gpu else None  # what the graphs add
+    compiled_engine = Engine(tmp / "model", compile=True, **engine_kw) if args.compile else None
     hf = HF.from_pretrained(tmp / "model", dtype=dtype).to(args.device).eval()
     g = torch.Generator().manual_seed(1)
     rows, hf_measured = [], None
     for B in batches:
         prompts = torch.randint(10, cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
-        ours_tps, ours_outs = time_ours(ours_engine, prompts, args.new_tokens, args.device)
-        hf_tps, hf_out = time_hf(hf, prompts, args.new_tokens, args.device)
+        # Each contestant warmed up once, then --reps timed runs taken in turns; each keeps its best. Python-bound
+        # loops (transformers' above all) swing by up to 1.6x between runs on a shared host: measured on the H100.
+        best = {}
+        for rep in range(args.reps):
+            for name, engine in (("ours", ours_engine), ("eager", eager_engine), ("compiled", compiled_engine)):
+                if engine is not None:
+                    tps, outs = time_ours(engine, prompts, args.new_tokens, args.device, warm=rep == 0)
+                    best[name] = max(best.get(name, 0.0), tps)
+                    ours_outs = outs if name == "ours" else ours_outs
+            tps, hf_out = time_hf(hf, prompts, args.new_tokens, args.device, warm=rep == 0)
+            best["hf"] = max(best.get("hf", 0.0), tps)
+        ours_tps, hf_tps, eager_tps, compiled_tps = best["ours"], best["hf"], best.get("eager"), best.get("compiled")
         same = sum(o.token_ids == s[args.prompt_len:].tolist() for o, s in zip(ours_outs, hf_out.sequences))
         hf_measured = hf_cache_bytes_measured(hf_out, B) or hf_measured
-        rows.append((B, ours_tps, hf_tps, same))
+        rows.append((B, ours_tps, hf_tps, same, eager_tps, compiled_tps))
         print(f"batch {B:>2}: nanoseek {ours_tps:8.1f} tok/s   transformers {hf_tps:8.1f} tok/s   "
-              f"x{ours_tps / hf_tps:.1f}   identical greedy outputs {same}/{B}", flush=True)
+              f"x{ours_tps / hf_tps:.1f}   identical greedy outputs {same}/{B}"
+              + (f"   (no CUDA graphs: {eager_tps:.1f} tok/s)" if gpu else "")
+              + (f"   (compiled: {compiled_tps:.1f} tok/s, x{compiled_tps / hf_tps:.1f})" if args.compile else ""), flush=True)
 
     el = torch.empty((), dtype=dtype).element_size()
     ours_bpt = ours_engine.cache_bytes_per_token
@@ -166,21 +187,25 @@ def main() -> None:
     print(f"MTP speculation, batch 1, {label}: acceptance {acc:.1%}, {spec_tps:.1f} vs {base_tps:.1f} tok/s "
           f"(x{spec_tps / base_tps:.2f}), identical to plain greedy: {identical}")
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    device_name = torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine())
     machine = (f"{device_name}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
                f"transformers {__import__('transformers').__version__}, {args.dtype}")
+    extra = [name for name, on in (("nanoseek without CUDA graphs", gpu), ("nanoseek with torch.compile", args.compile)) if on]
+    graph_col = "".join(f" {name} tok/s |" for name in extra)
     lines = [
-        SECTION, "",
+        GPU_SECTION if gpu else SECTION, "",
         f"`python benchmarks/engine_throughput.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         "",
         f"Machine: {machine}. Model: `{args.preset}` preset ({sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M "
         f"parameters), random weights saved with `save_model`, loaded by both sides from the same directory. Greedy, "
-        f"{args.prompt_len}-token prompts, exactly {args.new_tokens} new tokens per sequence, both warmed up; "
-        f"tokens/s = new tokens / wall time of the whole generate call.",
+        f"{args.prompt_len}-token prompts, exactly {args.new_tokens} new tokens per sequence, all warmed up, then "
+        f"{args.reps} timed runs each, taken in turns, best kept; tokens/s = new tokens / wall time of the whole "
+        f"generate call.",
         "",
-        "| batch | nanoseek Engine tok/s | transformers generate tok/s | speed-up | same greedy tokens |",
-        "|---|---|---|---|---|",
-        *[f"| {B} | {o:.1f} | {h:.1f} | **{o / h:.1f}x** | {s}/{B} |" for B, o, h, s in rows],
+        f"| batch | nanoseek Engine tok/s | transformers generate tok/s | speed-up | same greedy tokens |{graph_col}",
+        "|---|---|---|---|---|" + "---|" * len(extra),
+        *[f"| {B} | {o:.1f} | {h:.1f} | **{o / h:.1f}x** | {s}/{B} |" + (f" {e:.1f} |" if gpu else "")
+          + (f" {c:.1f} ({c / h:.1f}x) |" if args.compile else "") for B, o, h, s, e, c in rows],
         "",
         "| cache bytes per token | nanoseek (latent c_kv + k_pe) | transformers (per-head K + V) | ratio |",
         "|---|---|---|---|",
@@ -198,10 +223,14 @@ def main() -> None:
         f"| {label} | {acc:.1%} | {base_tps:.1f} | {spec_tps:.1f} | {spec_tps / base_tps:.2f}x | {identical} |",
         "",
     ]
-    if trained:
+    if trained and not gpu:
         lines += [MTP_PROFILE, ""]
-    worst = min(o / h for _, o, h, _ in rows)
-    if worst < 10:
+    worst = min(o / h for _, o, h, _, _, _ in rows)
+    if gpu:
+        lines += [f"Target >= 10x at both batch sizes: **{'met' if worst >= 10 else 'not met'}** (worst {worst:.1f}x). "
+                  "Decode steps replay CUDA graphs (`nanoseek/infer/graphs.py`); the 'without CUDA graphs' column is the same "
+                  "engine launching every kernel from Python.", ""]
+    elif worst < 10:
         lines += [f"Target >= 10x at both batch sizes: **not met** (worst {worst:.1f}x). On this CPU a batch-1 decode "
                   "step is bound by per-op overhead and by reading the weights (about 10 GB/s on one core), a "
                   "batch-16 step by small matrix products and attention reading the cache; a 10x margin over "
@@ -211,14 +240,14 @@ def main() -> None:
                   "prefill in groups of similar length, and a CPU path that runs only the chosen experts for one "
                   "token. Tried: torch.compile of a static-shape decode step (full-span cache, dense experts) ran "
                   "batch 1 at 5.8 ms/step against 19 ms for the same code eager, but took 46-75 s to compile per "
-                  "batch size and gave no gain at batch 16, so the engine does not use it. Next: CUDA graphs and "
-                  "bf16 weights on a GPU.", ""]
+                  "batch size and gave no gain at batch 16, so the engine does not use it. On a GPU the engine "
+                  "replays CUDA graphs and meets the target (\"Inference engine on a GPU\").", ""]
     if not trained:
         lines += ["The trained-checkpoint MTP figure is **pending**: no trained checkpoint with MTP weights existed under "
                   "`runs/` when this ran. A random model's MTP drafts are almost never accepted, so this row shows "
                   "the cost of speculating, not its benefit (target on a trained checkpoint: >= 1.5x).", ""]
     text = "\n".join(lines)
-    publish(SECTION, text, write=not args.no_write)
+    publish(GPU_SECTION if gpu else SECTION, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ backward and optimizer step. We report the median over the timed steps after war
 
     python benchmarks/grpo_step.py                     # tiny preset, writes benchmarks/RESULTS.md
     python benchmarks/grpo_step.py --quick --no-write  # smoke preset, seconds: checks that both sides run
+    python benchmarks/grpo_step.py --device cuda       # on a GPU: bf16 autocast on both sides
 
 `trl` is a benchmark-only dependency: pip install trl.
 """
@@ -35,6 +36,7 @@ from nanoseek.tokenizer import Tokenizer
 from results_md import publish  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## GRPO step vs TRL (issue 5)"
+GPU_SECTION = "## GRPO step vs TRL on a GPU (issue 5)"
 
 
 def parse() -> argparse.Namespace:
@@ -48,12 +50,17 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per side")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast over fp32 weights, both sides)")
     p.add_argument("--quick", action="store_true", help="smoke preset, tiny shapes, one timed step")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
     if a.quick:
         a.preset, a.prompts, a.group_size, a.max_new_tokens, a.warmup, a.steps = "smoke", 2, 2, 8, 0, 1
     return a
+
+
+def gpu(a) -> bool:
+    return a.device.startswith("cuda")
 
 
 def make_model_dir(a, root: Path) -> Path:
@@ -80,14 +87,14 @@ def run_nanoseek(a, model_dir: Path, problems: list[Problem]) -> list[float]:
     cfg = GRPOConfig(task=a.task, group_size=a.group_size, prompts_per_step=a.prompts,
                      max_new_tokens=a.max_new_tokens, loss_type="dapo", beta=0.0, eval_num=0,
                      max_batch=a.prompts * a.group_size, ignore_eos=True).validate()
-    model = load_model(model_dir, dtype=torch.float32).train()
+    model = load_model(model_dir, dtype=torch.float32, device=a.device).train()
     tok = Tokenizer.load(model_dir)
     batches = RolloutBatches(model, tok, cfg, num_chunks=1)
     task = get_task(a.task)
     # the same problems TRL gets, in the same order
     batches.source.get = lambda i: (task.prompt(problems[i]), {"problem": problems[i].to_dict()})
     train = TrainConfig(steps=10_000, lr=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                        batch_size=a.prompts * a.group_size, precision="fp32")
+                        batch_size=a.prompts * a.group_size, precision="bf16" if gpu(a) else "fp32")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = GRPOTrainer(model, train, tmp, batches, make_loss_fn(cfg), stage="grpo")
         times = []
@@ -138,7 +145,7 @@ def run_trl(a, model_dir: Path, problems: list[Problem]) -> tuple[list[float], s
             output_dir=tmp, per_device_train_batch_size=bs, gradient_accumulation_steps=1, steps_per_generation=1,
             num_generations=a.group_size, max_completion_length=a.max_new_tokens, num_iterations=1, beta=0.0,
             loss_type="dapo", temperature=1.0, top_p=1.0, learning_rate=1e-4, weight_decay=0.0,
-            lr_scheduler_type="constant", warmup_steps=0, max_steps=n, use_cpu=True, bf16=False,
+            lr_scheduler_type="constant", warmup_steps=0, max_steps=n, use_cpu=not gpu(a), bf16=gpu(a),
             report_to="none", logging_steps=1, save_strategy="no", seed=0, shuffle_dataset=False,
             generation_kwargs={"min_new_tokens": a.max_new_tokens})  # no early EOS: equal lengths on both sides
         timer = Timer()
@@ -165,17 +172,19 @@ def main() -> int:
     import transformers
 
     text = "\n".join([
-        SECTION, "",
+        GPU_SECTION if gpu(a) else SECTION, "",
         f"One GRPO step (generate {a.prompts} prompts x {a.group_size} samples x {a.max_new_tokens} tokens, verify, "
         f"forward + backward + AdamW) on the same `{a.preset if not a.model else a.model}` model directory, "
-        f"fp32 on the CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        + (f"bf16 autocast over fp32 weights on {torch.cuda.get_device_name()}, " if gpu(a) else
+           f"fp32 on the CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), ") +
         f"median of {a.steps} step(s) after {a.warmup} warm-up.", "",
         "| implementation | seconds per step | speed-up |", "|---|---|---|",
         f"| nanoseek (engine: continuous batching over the latent cache) | {mo:.2f} | {mt / mo:.1f}x |",
         f"| TRL {trl_version} GRPOTrainer (transformers {transformers.__version__} generate) | {mt:.2f} | 1.0x |",
         "", f"Target: nanoseek >= 5x faster: **{'met' if mt / mo >= 5 else 'not met'}**. "
-        f"Reproduce: `python benchmarks/grpo_step.py{' --quick' if a.quick else ''}`.", ""])
-    publish(SECTION, text, write=not a.no_write)
+        f"Reproduce: `python benchmarks/grpo_step.py{' --quick' if a.quick else ''}"
+        f"{' --device ' + a.device if gpu(a) else ''}`.", ""])
+    publish(GPU_SECTION if gpu(a) else SECTION, text, write=not a.no_write)
     return 0
 
 

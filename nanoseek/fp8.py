@@ -159,42 +159,64 @@ def fake_quantize_token_tiles(x: torch.Tensor, counts: torch.Tensor | None = Non
 
 
 # ============================================================================ 2. the FP8 GEMM
-_KERNEL_OK: dict[tuple[str, int | None], bool] = {}
+# Per device: None (emulate) or how `_scaled_mm` wants a 128x128-block operand's scales laid out (see below).
+_KERNEL_LAYOUT: dict[tuple[str, int | None], int | None] = {}
+# Candidate layouts of b's [N/128, K/128] block scales, as handed to `_scaled_mm` (which multiplies a @ b^T):
+# torch releases have disagreed on the shape and the stride order they expect, so each one is probed. The last
+# hands each block's scale to every one of its 128 rows as 1x128 tile scales: the same numbers (a 128x128 block
+# is 128 tiles sharing one scale), for a torch whose 128x128 mode is missing or wrong (torch 2.11 on an H100).
+_BLOCK_SCALE_LAYOUTS = (
+    lambda s, n: s.contiguous().t(),  # [K/128, N/128], N-major
+    lambda s, n: s.t().contiguous(),  # [K/128, N/128], K-major
+    lambda s, n: s.contiguous(),  # [N/128, K/128], K-major
+    lambda s, n: s.t().contiguous().t(),  # [N/128, K/128], N-major
+    lambda s, n: s.repeat_interleave(BLOCK, dim=0)[:n].t().contiguous(),  # as 1x128 tiles: [K/128, N]
+)
 
 
-def _scaled_mm_blockwise(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _scaled_mm_blockwise(a: QTensor, b: QTensor, out_dtype: torch.dtype, layout: int = 0) -> torch.Tensor:
     """a [M, K] (1x128 tiles) @ b [N, K]^T (128x128 blocks or 1x128 tiles) on FP8 tensor cores.
 
-    cuBLAS wants b column-major and every scale "outer-dim major": a's [M, K/128] scales with stride (1, M);
-    b's 128x128 scales row-major for b [N, K]; b's 1x128 scales with stride (1, N)."""
+    cuBLAS wants b column-major and a's [M, K/128] scales "outer-dim major" (stride (1, M)), likewise b's 1x128
+    scales; b's 128x128 scales go in the probed `layout`."""
     scale_a = a.scale.t().contiguous().t()
-    scale_b = b.scale.contiguous() if b.block == WEIGHT_BLOCK else b.scale.t().contiguous().t()
-    return torch._scaled_mm(a.data.contiguous(), b.data.contiguous().t(), scale_a=scale_a, scale_b=scale_b.t(),
+    if b.block == WEIGHT_BLOCK:
+        scale_b = _BLOCK_SCALE_LAYOUTS[layout](b.scale, b.data.shape[0])
+    else:
+        scale_b = b.scale.t().contiguous()
+    return torch._scaled_mm(a.data.contiguous(), b.data.contiguous().t(), scale_a=scale_a, scale_b=scale_b,
                             out_dtype=out_dtype)
 
 
-def _kernel_available(device: torch.device) -> bool:
+def _kernel_layout(device: torch.device) -> int | None:
     """Hopper + a torch whose `_scaled_mm` takes fp32 1x128/128x128 scales: probed once per device by comparing
-    with the emulation, so a torch that rejects (or lays out differently) these scales falls back safely."""
+    with the emulation, layout by layout, so a torch that rejects these scales (or wants another layout) falls
+    back safely. Returns the 128x128 scale layout to use, or None to emulate."""
     key = (device.type, device.index)
-    if key not in _KERNEL_OK:
-        ok = False
+    if key not in _KERNEL_LAYOUT:
+        found = None
         if device.type == "cuda" and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (9, 0):
-            try:
-                g = torch.Generator(device=device).manual_seed(0)
-                x = torch.randn(256, 384, device=device, generator=g)
-                w = torch.randn(256, 384, device=device, generator=g)
-                for bq in (quantize(w, WEIGHT_BLOCK), quantize(w, TILE)):
-                    aq = quantize(x, TILE)
-                    ref = aq.dequantize() @ bq.dequantize().t()
-                    got = _scaled_mm_blockwise(aq, bq, torch.float32)
-                    ok = bool(((got - ref).norm() / ref.norm()) < 1e-3)
-                    if not ok:
+            g = torch.Generator(device=device).manual_seed(0)
+            aq = quantize(torch.randn(256, 384, device=device, generator=g), TILE)
+            w = torch.randn(512, 384, device=device, generator=g)  # N/128 = 4, K/128 = 3: a transpose shows
+            for layout in range(len(_BLOCK_SCALE_LAYOUTS)):
+                try:
+                    if all(_close(_scaled_mm_blockwise(aq, bq, torch.float32, layout), aq.dequantize() @ bq.dequantize().t())
+                           for bq in (quantize(w, WEIGHT_BLOCK), quantize(w, TILE))):
+                        found = layout
                         break
-            except (RuntimeError, TypeError, ValueError, NotImplementedError):
-                ok = False
-        _KERNEL_OK[key] = ok
-    return _KERNEL_OK[key]
+                except (RuntimeError, TypeError, ValueError, NotImplementedError):
+                    continue
+        _KERNEL_LAYOUT[key] = found
+    return _KERNEL_LAYOUT[key]
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    return bool(((got - ref).norm() / ref.norm()) < 1e-3)
+
+
+def _kernel_available(device: torch.device) -> bool:
+    return _kernel_layout(device) is not None
 
 
 def emulation_dtype(device: torch.device) -> torch.dtype:
@@ -208,7 +230,7 @@ def fp8_mm(a: QTensor, b: QTensor, out_dtype: torch.dtype) -> torch.Tensor:
     M, K = a.data.shape
     N = b.data.shape[0]
     if a.data.is_cuda and K % BLOCK == 0 and M % 16 == 0 and N % 16 == 0 and _kernel_available(a.data.device):
-        return _scaled_mm_blockwise(a, b, out_dtype)
+        return _scaled_mm_blockwise(a, b, out_dtype, _kernel_layout(a.data.device))
     dt = emulation_dtype(a.data.device)
     return (a.dequantize(dt) @ b.dequantize(dt).t()).to(out_dtype)
 

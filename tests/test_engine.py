@@ -13,7 +13,8 @@ import nanoseek
 from nanoseek.checkpoint import save_model
 from nanoseek.config import smoke
 from nanoseek.infer.cache import LatentCache
-from nanoseek.infer.engine import Engine, Request, split_reasoning
+from nanoseek.infer.engine import Engine, Request
+from nanoseek.infer.reasoning import split_reasoning
 from nanoseek.infer.sampling import SamplingParams, sample, speculative_accept
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
@@ -155,6 +156,42 @@ def test_identical_prompts_are_prefilled_once_and_decode_as_if_alone(speculative
     assert len({tuple(o.token_ids) for o in group}) > 1
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_recorded_decode_steps_pad_the_batch_and_fix_the_span_without_changing_the_output(speculative):
+    """The CUDA-graph steps (batch padded to a bucket, padding rows in a scratch slot, a fixed span of keys), run
+    unrecorded on the CPU: the same tokens as the reference while requests finish and the batch shrinks."""
+    model = _rigged() if speculative else _model()
+    engine = Engine(model, max_batch=6, cuda_graphs=True)  # 7 requests: one waits for a slot
+    assert engine.graphs is not None and engine.cache.latent.shape[1] == 7  # + the scratch slot
+    shapes, step = [], engine.graphs._step
+    engine.graphs._step = lambda kind, padded, span: shapes.append((kind, padded, span)) or step(kind, padded, span)
+    prompts = [list(range(10, 70)), [5, 6, 7], [100], list(range(200, 212)), [42, 43], [1, 2, 3, 4], [9]]
+    lengths = [20, 12, 15, 3, 10, 7, 11]
+    ids = [engine.add_request(p, max_tokens=n, temperature=0, ignore_eos=True, speculative=speculative)
+           for p, n in zip(prompts, lengths)]
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({e.request_id: e.output for e in engine.step() if e.finished})
+    for p, n, i in zip(prompts, lengths, ids):
+        assert outs[i].token_ids == _reference(model, p, n)[0]
+    assert {kind for kind, _, _ in shapes} == ({"verify", "mtp"} if speculative else {"decode"})
+    assert {span for _, _, span in shapes} == {64, 128}  # the 60-token prompt crosses from one span to the next
+    assert {padded for _, padded, _ in shapes} >= {1, 4, 6}  # 3 and 5 running rows were padded
+    assert engine.cache.latent[:, 6].abs().sum() > 0  # where the padding rows wrote
+    if speculative:
+        assert sum(o.num_accepted for o in outs.values()) > 0
+
+
+@pytest.mark.slow
+def test_compiled_engine_decodes_as_the_reference():
+    """`compile=True` (torch.compile on every layer) over the recorded-step path: the same greedy tokens."""
+    model = _model()
+    engine = Engine(model, max_batch=4, cuda_graphs=True, compile=True)
+    prompts = [[3, 17, 99, 250, 7], [5, 6, 7]]
+    for p, out in zip(prompts, engine.generate(prompts, max_tokens=12, temperature=0, ignore_eos=True)):
+        assert out.token_ids == _reference(model, p, 12)[0]
+
+
 def test_prefill_groups_prompts_of_similar_length():
     from nanoseek.infer.engine import PREFILL_FILL, PREFILL_TOKENS, _by_length, _Seq
 
@@ -212,6 +249,12 @@ def test_sampling_filters_top_k_top_p_min_p():
     assert torch.allclose(probs[0], torch.tensor([4 / 7, 3 / 7, 0, 0]))  # top-k 2
     assert torch.allclose(probs[1], torch.tensor([4 / 7, 3 / 7, 0, 0]))  # top-p 0.6: 0.4 + 0.3 reach it
     assert torch.allclose(probs[2], torch.tensor([4 / 9, 3 / 9, 2 / 9, 0]))  # min-p 0.4 x 0.4 = 0.16
+    # no filters at all (RL rollouts) skips the sort: the same distribution as neutral filters
+    logits = torch.randn(3, 50)
+    t = torch.tensor([0.5, 1.0, 2.0])
+    neutral = probs_from_logits(logits, t, torch.ones(3), torch.zeros(3, dtype=torch.long), torch.zeros(3))
+    assert torch.allclose(probs_from_logits(logits, t), neutral, atol=1e-6)
+    assert torch.allclose(neutral, (logits / t[:, None]).softmax(-1), atol=1e-6)
 
 
 def test_speculative_sampling_end_to_end_matches_target_distribution():

@@ -286,3 +286,18 @@ def test_fp8_grouped_gemm_matches_float64_reference_of_same_quantisation():
         dw_ref[e] = dyt[rows].t() @ xt[rows]
         start += n
     assert _rel(y, y_ref) < 1e-6 and _rel(x.grad, dx_ref) < 1e-6 and _rel(weight.grad, dw_ref) < 1e-6
+
+
+def test_block_scales_handed_per_row_as_tile_scales_are_the_same_numbers():
+    """The kernel path's fallback layout for 128x128 weight blocks (torch 2.11's block mode gave wrong products on an
+    H100): each block's scale repeated for its 128 rows as 1x128 tile scales dequantises to the same weight."""
+    from nanoseek.fp8 import _BLOCK_SCALE_LAYOUTS, _kernel_available
+
+    w = torch.randn(300, 384) * torch.logspace(-2, 2, 300)[:, None]  # rows of very different size: scales differ
+    q = quantize(w, WEIGHT_BLOCK)
+    tiles = _BLOCK_SCALE_LAYOUTS[-1](q.scale, w.shape[0])  # [K/128, N], as `_scaled_mm` takes 1x128 scales of b
+    assert tiles.shape == (3, 300)
+    as_tiles = (fp8_to_float(q.data).view(300, 3, 128) * tiles.t()[:, :, None]).view(300, 384)
+    assert torch.equal(as_tiles, q.dequantize())
+    assert not _kernel_available(torch.device("cpu"))  # the CPU always emulates
+

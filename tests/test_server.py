@@ -34,7 +34,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from nanoseek.checkpoint import load_model  # noqa: E402
-from nanoseek.infer.engine import split_reasoning  # noqa: E402
+from nanoseek.infer.reasoning import split_reasoning  # noqa: E402
 from nanoseek.infer.server import ReasoningSplitter, create_app  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 

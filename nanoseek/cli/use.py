@@ -98,7 +98,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from nanoseek.infer.engine import END_THINK, THINK
+    from nanoseek.tokenizer import END_THINK, THINK
 
     engine = engine_from_args(args, max_batch=1)
     if engine.tokenizer is None:

@@ -25,6 +25,7 @@ class LatentCache:
                                   device=device)  # [..., :kv_lora_rank] is c_kv, the rest k_pe
         self.slots: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
         self.span = 0  # keys 0..span-1 are read back: the furthest bound position + 1
         self.block: tuple[int, int] | None = None  # the bound slots as a range, when they form one
 
@@ -41,12 +42,27 @@ class LatentCache:
             raise ValueError(f"sequence would reach {self.span} tokens but the cache holds {self.max_len}; "
                              f"raise max_len or shorten the request")
         self.slots, self.positions = slots.to(self.latent.device), positions.to(self.latent.device)
+        self.mask = self._visible(self.positions, self.span)
         # Rows in consecutive slots (the engine keeps its running batch so) are read as a view of the cache;
         # any other set of slots has to be gathered, a copy of everything the batch attends to, in every layer.
         rows = slots.tolist()
         first = rows[0] if rows else 0
         self.block = (first, first + len(rows)) if rows == list(range(first, first + len(rows))) else None
         return self
+
+    def bind_fixed(self, slots: torch.Tensor, positions: torch.Tensor, span: int, view: bool = True) -> "LatentCache":
+        """`bind` without a host sync, for a recorded (CUDA-graph) step: rows attend over a fixed `span` of keys and
+        write to their entry of `slots` (padding rows: a scratch slot). With `view` they read slots 0..B-1 as a
+        view (the running batch; padding rows read whatever follows it), else `slots` is gathered."""
+        self.slots, self.positions, self.span = slots, positions, span
+        self.mask = self._visible(positions, span)
+        self.block = (0, len(slots)) if view else None
+        return self
+
+    @staticmethod
+    def _visible(positions: torch.Tensor, span: int) -> torch.Tensor:
+        """[B, T, span]: key s is visible to the query at position p iff s <= p. Every layer of a forward reads it."""
+        return torch.arange(span, device=positions.device)[None, None, :] <= positions[:, :, None]
 
     def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, read: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -55,9 +71,8 @@ class LatentCache:
         self.latent[layer, slots[:, None].expand_as(pos), pos] = torch.cat((c_kv, k_pe), dim=-1).to(self.latent.dtype)
         if not read:
             return None
-        mask = torch.arange(self.span, device=pos.device)[None, None, :] <= pos[:, :, None]
         which = slice(*self.block) if self.block is not None else slots
-        return self.latent[layer, which, : self.span], mask
+        return self.latent[layer, which, : self.span], self.mask
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` to slot `dst`, in every layer."""

@@ -5,6 +5,7 @@ One `Engine` owns a model and a `LatentCache` with `max_batch` slots. Requests w
    length, full attention; identical prompts run once and the others copy its cache), and
 2. decodes every request that was already running with one forward over [B, 1] (absorbed attention over the
    cache, each row at its own position), or [B, 2] when speculating: the pending token plus the MTP draft.
+   On a GPU these forwards replay CUDA graphs recorded once per batch bucket and key span (graphs.py).
 Finished requests leave at once and free their slot for the next step; the request in the highest slot moves
 into it, so the running batch always holds slots 0..n-1 and attention reads the cache as a view, not a copy.
 Everything rests on the cache's rule that a key is visible iff its position is <= the query's: padding, rejected
@@ -30,10 +31,11 @@ import torch
 
 from nanoseek.checkpoint import load_model, resolve_model_dir
 from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.graphs import DecodeGraphs
+from nanoseek.infer.reasoning import split_reasoning, think_left_open
 from nanoseek.infer.sampling import SamplingParams, penalise_repeats, probs_from_logits, sample, speculative_accept
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 
-THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
 # Prefill forwards hold at most this many (padded) tokens, and a prompt joins a forward only if it is at least
 # PREFILL_FILL of the longest prompt there: 64 mixed-length prompts padded to the longest wasted over half the
 # prefill work (measured); grouped by length it wastes at most a tenth, for a few more small forwards.
@@ -86,38 +88,6 @@ class Event:
     output: Output | None = None  # set when finished
 
 
-def count_thinking_tokens(ids: list[int], think_id: int, end_think_id: int, think_open: bool = False) -> int:
-    """Tokens generated inside <think>...</think> (the region may have been opened by the prompt)."""
-    inside, n = think_open, 0
-    for t in ids:
-        if t == think_id:
-            inside = True
-        elif t == end_think_id:
-            inside = False
-        elif inside:
-            n += 1
-    return n
-
-
-def split_reasoning(text: str, think_open: bool = False) -> tuple[str, str]:
-    """(reasoning, answer). Reasoning is inside <think>...</think>; with no opening tag in the text (the prompt
-    opened it), everything before the first </think> is reasoning. The answer is inside <answer>...</answer> if
-    present, else the text after </think>; with no tags at all the whole text is the answer, unless the prompt
-    left a think region open, in which case the whole text is (unfinished) reasoning."""
-    reasoning, rest = "", text
-    if THINK in text:
-        before, _, after = text.partition(THINK)
-        reasoning, closed, tail = after.partition(END_THINK)
-        rest = before + tail if closed else before
-    elif END_THINK in text:
-        reasoning, _, rest = text.partition(END_THINK)
-    elif think_open:
-        reasoning, rest = text, ""
-    if ANSWER in rest:
-        rest = rest.partition(ANSWER)[2].partition(END_ANSWER)[0]
-    return reasoning.strip(), rest.strip()
-
-
 class _Seq:
     """A request in flight: its slot in the cache, what it has produced, and the state that decides the next token."""
 
@@ -151,7 +121,7 @@ class Engine:
 
     def __init__(self, model_or_path: DeepseekV3ForCausalLM | str | Path, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None, max_batch: int = 16, max_len: int | None = None,
-                 tokenizer=None):
+                 tokenizer=None, cuda_graphs: bool | None = None, compile: bool = False):
         if isinstance(model_or_path, (str, Path)):
             directory = resolve_model_dir(model_or_path)
             model = load_model(directory, dtype=dtype, device=device)
@@ -173,8 +143,16 @@ class Engine:
         self.max_len = min(max_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        # +1: a speculative verify writes its draft one position past the last token it may keep.
-        self.cache = LatentCache(self.config, max_batch, self.max_len + 1, dtype=self.dtype, device=self.device)
+        # Decode steps replay CUDA graphs on a GPU (see graphs.py); `cuda_graphs=True` on the CPU runs the same
+        # padded fixed-shape steps unrecorded (for tests). They need one scratch slot past the engine's own.
+        graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # +1 position: a speculative verify writes its draft one position past the last token it may keep.
+        self.cache = LatentCache(self.config, max_batch + int(graphs), self.max_len + 1, dtype=self.dtype,
+                                 device=self.device)
+        self.graphs = DecodeGraphs(model, self.cache, max_batch, record=self.device.type == "cuda") if graphs else None
+        if compile:  # torch.compile each layer of this model (in place): fused kernels, after a compile per shape
+            for layer in model.model.layers:
+                layer.compile()
         self.has_mtp = len(model.mtp_modules) > 0
         self.vocab_size = self.config.vocab_size
         tok = tokenizer
@@ -224,7 +202,7 @@ class Engine:
                              f"shorten the prompt or raise max_len")
         if (p.thinking_budget is not None or p.min_thinking_tokens) and self.tokenizer is None:
             raise ValueError("thinking budgets need a tokenizer (for <think>, </think> and 'Wait'); this model has none")
-        think_open = self.think_id is not None and _last_open(ids, self.think_id, self.end_think_id)
+        think_open = self.think_id is not None and think_left_open(ids, self.think_id, self.end_think_id)
         rid = request.request_id or f"req-{next(self._ids)}"
         seq = _Seq(rid, ids, p, think_open)
         if p.repetition_penalty != 1.0:
@@ -364,7 +342,7 @@ class Engine:
         tokens = self._choose(seqs, logits)
         for b, s in enumerate(seqs):
             s.n_cached = len(s.prompt)
-            self._append(s, tokens[b], logits[b])
+            self._append(s, tokens[b], logits, b)
         spec = [b for b, s in enumerate(seqs) if s.params.speculative and self.has_mtp and s.finish_reason is None]
         if spec:  # MTP over positions 0..P-1: (h_i, t_{i+1}), the last pair using the token just chosen
             idx = torch.tensor(spec, device=self.device)
@@ -380,14 +358,18 @@ class Engine:
 
     def _decode(self, seqs: list[_Seq]) -> None:
         """One token for every row: a [B, 1] forward over the cache, each row at its own position."""
-        tokens = torch.tensor([[s.out[-1]] for s in seqs], device=self.device)
-        pos = torch.tensor([[s.n_cached] for s in seqs], device=self.device)
-        slots = self._slots(seqs)
-        logits = self.model(tokens, pos, self.cache.bind(slots, pos), prefill=False)[:, 0].float()
-        chosen = self._choose(seqs, logits)
+        greedy = self._greedy(seqs)
+        if self.graphs is not None:
+            logits, top = self.graphs.decode([s.out[-1] for s in seqs], [s.n_cached for s in seqs])
+        else:
+            tokens = torch.tensor([[s.out[-1]] for s in seqs], device=self.device)
+            pos = torch.tensor([[s.n_cached] for s in seqs], device=self.device)
+            logits = self.model(tokens, pos, self.cache.bind(self._slots(seqs), pos), prefill=False)[:, 0].float()
+            top = logits.argmax(dim=-1) if greedy else None
+        chosen = self._choose(seqs, logits, picked=top.tolist() if greedy else None)
         for b, (s, t) in enumerate(zip(seqs, chosen)):
             s.n_cached += 1
-            self._append(s, t, logits[b])
+            self._append(s, t, logits, b)
 
     def _decode_speculative(self, seqs: list[_Seq]) -> None:
         """Verify [pending token, draft] for every row in one [B, 2] forward; accept, resample, take a bonus token;
@@ -395,23 +377,32 @@ class Engine:
         dev, B = self.device, len(seqs)
         eligible = [s.params.speculative and s.draft is not None and self._rule(s) is None for s in seqs]
         drafts = [s.draft if s.draft is not None else 0 for s in seqs]
-        n = torch.tensor([s.n_cached for s in seqs], device=dev)
-        tokens = torch.tensor([[s.out[-1], d] for s, d in zip(seqs, drafts)], device=dev)
-        pos = torch.stack([n, n + 1], dim=1)
-        slots = self._slots(seqs)
-        h = self.model.hidden_states(tokens, pos, self.cache.bind(slots, pos), prefill=False)
-        logits = self.model.lm_head(h).float()
-        u = self._uniforms(seqs, 3).to(dev)
+        tokens = [[s.out[-1], d] for s, d in zip(seqs, drafts)]
+        pos = [[s.n_cached, s.n_cached + 1] for s in seqs]
+        if self.graphs is not None:
+            h, logits, top = self.graphs.verify(tokens, pos)
+        else:
+            pos_t = torch.tensor(pos, device=dev)
+            h = self.model.hidden_states(torch.tensor(tokens, device=dev), pos_t,
+                                         self.cache.bind(self._slots(seqs), pos_t), prefill=False)
+            logits = self.model.lm_head(h).float()
+            top = logits.argmax(dim=-1)
         raw0 = logits[:, 0]
-        plain = self._choose(seqs, raw0, u=u[:, 1])  # what a row emits when it does not (or cannot) speculate
+        # Greedy rows with no repetition penalty: the two argmaxes per row decide everything (the emitted token,
+        # the draft's fate, the bonus token), so read them back in one transfer instead of one per decision.
+        top = top.tolist() if self._greedy(seqs) else None
+        u = None if top else self._uniforms(seqs, 3).to(dev)
+        # what a row emits when it does not (or cannot) speculate
+        plain = self._choose(seqs, raw0, picked=[t[0] for t in top]) if top else self._choose(seqs, raw0, u=u[:, 1])
         accepted = [False] * B
         if any(eligible):
-            proc0 = self._penalise(seqs, raw0)
-            greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=dev)
-            d = torch.tensor(drafts, device=dev)
-            acc = d == proc0.argmax(dim=-1)
-            tok = proc0.argmax(dim=-1)
-            if not bool(greedy.all()):
+            if top:
+                acc, tok = [d == t[0] for d, t in zip(drafts, top)], [t[0] for t in top]
+            else:
+                proc0 = self._penalise(seqs, raw0)
+                d = torch.tensor(drafts, device=dev)
+                tok = proc0.argmax(dim=-1)
+                acc = d == tok
                 rows = [b for b, s in enumerate(seqs) if s.params.temperature > 0 and eligible[b]]
                 if rows:
                     r = torch.tensor(rows, device=dev)
@@ -419,7 +410,7 @@ class Engine:
                     q = torch.stack([seqs[b].draft_q for b in rows])
                     a, t = speculative_accept(p, q, d[r], u[r, 0], u[r, 1])
                     acc[r], tok[r] = a, t
-            acc, tok = acc.tolist(), tok.tolist()
+                acc, tok = acc.tolist(), tok.tolist()
             for b in range(B):
                 if eligible[b]:
                     seqs[b].drafted += 1
@@ -429,7 +420,9 @@ class Engine:
         # bonus token at position n+1 for rows whose draft was accepted and that face no rule there
         bonus_rows = [b for b in range(B) if accepted[b] and self._rule(seqs[b], extra=drafts[b]) is None]
         bonus = {}
-        if bonus_rows:
+        if bonus_rows and top:
+            bonus = {b: top[b][1] for b in bonus_rows}
+        elif bonus_rows:
             r = torch.tensor(bonus_rows, device=dev)
             sub = [seqs[b] for b in bonus_rows]
             extra = [drafts[b] for b in bonus_rows]
@@ -438,10 +431,10 @@ class Engine:
         for b, s in enumerate(seqs):
             prev_h, prev_tok, n0 = s.h_prev, s.out[-1], s.n_cached
             s.n_cached += 1
-            self._append(s, drafts[b] if accepted[b] else plain[b], raw0[b])
+            self._append(s, drafts[b] if accepted[b] else plain[b], raw0, b)
             if b in bonus and s.finish_reason is None:
                 s.n_cached += 1
-                self._append(s, bonus[b], logits[b, 1])
+                self._append(s, bonus[b], logits, b, 1)
                 pairs = (h[b, 0], drafts[b], n0), (h[b, 1], bonus[b], n0 + 1)
                 s.h_prev = h[b, 1]
             else:
@@ -454,11 +447,14 @@ class Engine:
                 mtp_pos.append([pairs[0][2], pairs[1][2]])
         if live:
             hp = torch.stack(mtp_h)
-            mpos = torch.tensor(mtp_pos, device=dev)
-            mslots = self._slots(live)
-            m_logits, _ = self.model.mtp_step(0, hp, torch.tensor(mtp_tok, device=dev), mpos,
-                                              self.cache.bind(mslots, mpos), prefill=False)
-            self._set_drafts(live, m_logits[:, 1])
+            if self.graphs is not None:
+                m_logits, m_top = self.graphs.mtp(hp, mtp_tok, mtp_pos, [s.slot for s in live])
+            else:
+                mpos = torch.tensor(mtp_pos, device=dev)
+                m_logits = self.model.mtp_step(0, hp, torch.tensor(mtp_tok, device=dev), mpos,
+                                               self.cache.bind(self._slots(live), mpos), prefill=False)[0][:, 1]
+                m_top = m_logits.argmax(dim=-1)
+            self._set_drafts(live, m_logits, picked=m_top.tolist() if self._greedy(live) else None)
 
     # ------------------------------------------------------------------------------------------ choosing tokens
     def _uniforms(self, seqs: list[_Seq], k: int) -> torch.Tensor:
@@ -482,21 +478,25 @@ class Engine:
     def _probs(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
         dev = logits.device
         col = lambda name, dtype=torch.float32: torch.tensor([getattr(s.params, name) for s in seqs], dtype=dtype, device=dev)
+        if not any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in seqs):
+            return probs_from_logits(logits, col("temperature"))  # no filters (RL rollouts): no sort
         return probs_from_logits(logits, col("temperature"), col("top_p"), col("top_k", torch.long), col("min_p"))
 
     def _choose(self, seqs: list[_Seq], logits: torch.Tensor, u: torch.Tensor | None = None,
-                extra: list[int] | None = None, raw: bool = False) -> list[int]:
+                extra: list[int] | None = None, raw: bool = False, picked: list[int] | None = None) -> list[int]:
         """One token per row from its logits [B, V]: forced tokens, then greedy or sampled, then the "Wait" rule.
-        `extra` (bonus tokens only): score as if that token were already appended."""
-        proc = self._penalise(seqs, logits, extra)
-        out = proc.argmax(dim=-1)
-        sampled = [b for b, s in enumerate(seqs) if s.params.temperature > 0]
-        if sampled:
-            if u is None:
-                u = self._uniforms(seqs, 1)[:, 0].to(logits.device)
-            r = torch.tensor(sampled, device=logits.device)
-            out[r] = sample(self._probs([seqs[b] for b in sampled], proc[r]), u[r])
-        chosen = out.tolist()
+        `extra` (bonus tokens only): score as if that token were already appended. `picked`: the rows' argmaxes,
+        already read back (greedy rows without a penalty), so only the rules remain to apply."""
+        if picked is None:
+            proc = self._penalise(seqs, logits, extra)
+            out = proc.argmax(dim=-1)
+            sampled = [b for b, s in enumerate(seqs) if s.params.temperature > 0]
+            if sampled:
+                if u is None:
+                    u = self._uniforms(seqs, 1)[:, 0].to(logits.device)
+                r = torch.tensor(sampled, device=logits.device)
+                out[r] = sample(self._probs([seqs[b] for b in sampled], proc[r]), u[r])
+        chosen = out.tolist() if picked is None else list(picked)
         if raw:  # bonus tokens: the caller guarantees no rule applies
             return chosen
         for b, s in enumerate(seqs):
@@ -532,8 +532,13 @@ class Engine:
             return "wait"
         return None
 
-    def _set_drafts(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        """The MTP module's next-token guess per row: argmax for greedy rows, a sample from q otherwise."""
+    def _set_drafts(self, seqs: list[_Seq], logits: torch.Tensor, picked: list[int] | None = None) -> None:
+        """The MTP module's next-token guess per row: argmax for greedy rows, a sample from q otherwise.
+        `picked`: the argmaxes, already read back (every row greedy without a penalty)."""
+        if picked is not None:
+            for s, d in zip(seqs, picked):
+                s.draft = d
+            return
         logits = self._penalise(seqs, logits.float())
         drafts = logits.argmax(dim=-1)
         sampled = [b for b, s in enumerate(seqs) if s.params.temperature > 0]
@@ -547,8 +552,14 @@ class Engine:
             s.draft = d
 
     # ------------------------------------------------------------------------------------------ bookkeeping
-    def _append(self, s: _Seq, token: int, logit_row: torch.Tensor) -> None:
-        """Record a token chosen from `logit_row` (raw logits): think state, logprobs, text and stop checks."""
+    @staticmethod
+    def _greedy(seqs: list[_Seq]) -> bool:
+        """Every row takes its argmax (temperature 0, no repetition penalty), so the argmaxes decide."""
+        return all(s.params.temperature == 0 and s.seen is None for s in seqs)
+
+    def _append(self, s: _Seq, token: int, logits: torch.Tensor, *row: int) -> None:
+        """Record a token chosen from `logits[row]` (raw logits): think state, logprobs, text and stop checks.
+        (The row is only indexed when logprobs are wanted: a view per row per step costs on a GPU.)"""
         s.out.append(token)
         s.new.append(token)
         if token == self.think_id:
@@ -560,7 +571,7 @@ class Engine:
         if s.seen is not None:
             s.seen[token] = True
         if s.logprobs is not None:
-            lp = logit_row.float().log_softmax(dim=-1)
+            lp = logits[row].float().log_softmax(dim=-1)
             s.logprobs.append(float(lp[token]))
             if s.top_logprobs is not None:
                 v, i = lp.topk(min(s.params.top_logprobs, lp.numel()))
@@ -606,13 +617,3 @@ def _by_length(seqs: list[_Seq]) -> list[list[_Seq]]:
             groups.append([])
         groups[-1].append(s)
     return groups
-
-
-def _last_open(ids: list[int], open_id: int, close_id: int) -> bool:
-    """True if the last think tag in `ids` opens a region (a template that pre-fills <think>)."""
-    for t in reversed(ids):
-        if t == close_id:
-            return False
-        if t == open_id:
-            return True
-    return False

@@ -67,13 +67,16 @@ def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Te
     return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
 
 
-def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                      min_p: torch.Tensor) -> torch.Tensor:
+def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None = None,
+                      top_k: torch.Tensor | None = None, min_p: torch.Tensor | None = None) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p truncation; returns normalised probs [B, V] in float32.
 
-    Rows must have temperature > 0 (greedy rows take the argmax elsewhere). One sort serves all three filters.
+    Rows must have temperature > 0 (greedy rows take the argmax elsewhere). One sort serves all three filters;
+    with none given (no row filters) there is nothing to sort.
     """
     probs = (logits.float() / temperature[:, None]).softmax(dim=-1)
+    if top_p is None and top_k is None and min_p is None:
+        return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[-1], device=probs.device)[None]
     k = torch.where(top_k > 0, top_k, probs.shape[-1])[:, None]

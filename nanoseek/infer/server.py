@@ -29,10 +29,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from nanoseek.infer.engine import (ANSWER, END_ANSWER, END_THINK, THINK, Engine, Event, Output, Request,
-                                   count_thinking_tokens)
+from nanoseek.infer.engine import Engine, Event, Output, Request
+from nanoseek.infer.reasoning import count_thinking_tokens
 from nanoseek.infer.engine_loop import APIError, EngineLoop, error_body, prompt_logprobs
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
 
 log = logging.getLogger("nanoseek.server")
 STATIC = Path(__file__).parent / "static"

@@ -119,7 +119,8 @@ class MultiHeadLatentAttention(nn.Module):
         # k_pe columns are dropped. The mask is per query position, repeated for each head.
         q = torch.cat((q_latent, q_pe.to(q_latent.dtype)), dim=-1).reshape(B, 1, T * H, C + self.rope)
         kv = latent[:, None].to(q.dtype)
-        visible = mask[:, :, None].expand(B, T, H, S).reshape(B, 1, T * H, S)
+        # (one query position: the mask broadcasts over the heads as it is, no copy)
+        visible = mask[:, None] if T == 1 else mask[:, :, None].expand(B, T, H, S).reshape(B, 1, T * H, S)
         o_latent = F.scaled_dot_product_attention(q, kv, kv, attn_mask=visible, scale=self.scale)[..., :C]
         out = torch.einsum("bthc,hvc->bthv", o_latent.reshape(B, T, H, C).to(w_uv.dtype), w_uv)
         return out.reshape(B, T, H * self.v_dim).to(q_nope.dtype)

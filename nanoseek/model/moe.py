@@ -86,11 +86,14 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, 
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     if grouped_mm_supported(x, w):
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
-    # Fallback: scatter the rows into a zero-padded [E, max_count, in] block and use one batched matmul.
-    E = w.shape[0]
-    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
-    row = torch.arange(x.shape[0], device=x.device) - (offsets - counts)[expert]
-    padded = x.new_zeros(E, int(counts.max()) if x.shape[0] else 0, x.shape[1])
+    # Fallback: scatter the rows into a zero-padded [E, rows, in] block and use one batched matmul. No host sync
+    # but the longest expert's row count, and none at all while a CUDA graph records (then pad to every row).
+    E, N = w.shape[0], x.shape[0]
+    idx = torch.arange(N, device=x.device)
+    expert = torch.searchsorted(offsets.long(), idx, right=True)  # expert e holds rows offsets[e-1]..offsets[e]-1
+    row = idx - (offsets - counts)[expert]
+    rows = N if x.is_cuda and torch.cuda.is_current_stream_capturing() else int(counts.max()) if N else 0
+    padded = x.new_zeros(E, rows, x.shape[1])
     padded[expert, row] = x
     return torch.bmm(padded, w.transpose(1, 2))[expert, row]
 
