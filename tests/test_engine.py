@@ -42,7 +42,7 @@ def _model(vocab_size: int = 512, seed: int = 0) -> DeepseekV3ForCausalLM:
     return DeepseekV3ForCausalLM(smoke().replace(vocab_size=vocab_size)).eval()
 
 
-def _rigged(attn_scale: float = 1.0) -> DeepseekV3ForCausalLM:
+def _rigged(attn_scale: float = 1.0, vocab_size: int = 512) -> DeepseekV3ForCausalLM:
     """A model whose MTP module nearly agrees with it, so drafts are often (not always) accepted.
 
     With every FFN output zeroed, the main model's hidden state is norm(emb(t) + attention), so its next token is
@@ -50,7 +50,7 @@ def _rigged(attn_scale: float = 1.0) -> DeepseekV3ForCausalLM:
     its own attention and FFN zeroed, computes the same function of the token it is given: its draft matches
     unless the main model's attention (scaled by `attn_scale`) changed its mind.
     """
-    m = _model()
+    m = _model(vocab_size)
     D = m.config.hidden_size
     with torch.no_grad():
         for layer in m.main_layers:
@@ -156,10 +156,12 @@ def test_identical_prompts_are_prefilled_once_and_decode_as_if_alone(speculative
     assert len({tuple(o.token_ids) for o in group}) > 1
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_recorded_decode_steps_pad_the_batch_and_fix_the_span_without_changing_the_output(speculative):
+@pytest.mark.parametrize("mode", ["plain", "speculative", "speculative+logprobs"])
+def test_recorded_decode_steps_pad_the_batch_and_fix_the_span_without_changing_the_output(mode):
     """The CUDA-graph steps (batch padded to a bucket, padding rows in a scratch slot, a fixed span of keys), run
-    unrecorded on the CPU: the same tokens as the reference while requests finish and the batch shrinks."""
+    unrecorded on the CPU: the same tokens as the reference while requests finish and the batch shrinks. Greedy
+    speculation runs as one fused step; asking for logprobs takes the general verify + draft steps."""
+    speculative, logprobs = mode != "plain", mode.endswith("logprobs")
     model = _rigged() if speculative else _model()
     engine = Engine(model, max_batch=6, cuda_graphs=True)  # 7 requests: one waits for a slot
     assert engine.graphs is not None and engine.cache.latent.shape[1] == 7  # + the scratch slot
@@ -167,14 +169,15 @@ def test_recorded_decode_steps_pad_the_batch_and_fix_the_span_without_changing_t
     engine.graphs._step = lambda kind, padded, span: shapes.append((kind, padded, span)) or step(kind, padded, span)
     prompts = [list(range(10, 70)), [5, 6, 7], [100], list(range(200, 212)), [42, 43], [1, 2, 3, 4], [9]]
     lengths = [20, 12, 15, 3, 10, 7, 11]
-    ids = [engine.add_request(p, max_tokens=n, temperature=0, ignore_eos=True, speculative=speculative)
-           for p, n in zip(prompts, lengths)]
+    ids = [engine.add_request(p, max_tokens=n, temperature=0, ignore_eos=True, speculative=speculative,
+                              logprobs=logprobs) for p, n in zip(prompts, lengths)]
     outs = {}
     while engine.has_unfinished():
         outs.update({e.request_id: e.output for e in engine.step() if e.finished})
     for p, n, i in zip(prompts, lengths, ids):
         assert outs[i].token_ids == _reference(model, p, n)[0]
-    assert {kind for kind, _, _ in shapes} == ({"verify", "mtp"} if speculative else {"decode"})
+    assert {kind for kind, _, _ in shapes} == {"plain": {"decode"}, "speculative": {"speculate"},
+                                               "speculative+logprobs": {"verify", "mtp"}}[mode]
     assert {span for _, _, span in shapes} == {64, 128}  # the 60-token prompt crosses from one span to the next
     assert {padded for _, padded, _ in shapes} >= {1, 4, 6}  # 3 and 5 running rows were padded
     assert engine.cache.latent[:, 6].abs().sum() > 0  # where the padding rows wrote
@@ -363,6 +366,43 @@ def test_min_thinking_replaces_early_end_of_thinking_with_wait(tok):
                               speculative=speculative)[0]
         end = out.token_ids.index(tok.end_think_id)
         assert end >= 4 and out.token_ids[: len(wait)] == wait and "Wait" in out.reasoning
+
+
+@pytest.mark.parametrize("rule", [dict(thinking_budget=4), dict(thinking_budget=5), dict(min_thinking_tokens=6)])
+def test_recorded_speculative_steps_follow_thinking_rules(tok, rule):
+    """The fused speculative step with a thinking rule due: a draft accepted just before a forced `</think>` (or
+    an early one turned into "Wait") must not be followed by a bonus token. Same output as plain decoding."""
+    model = _rigged(vocab_size=tok.vocab_size)
+    prompts = [tok.encode("What is 12+30?<think>", add_bos=True), tok.encode("hello world<think>", add_bos=True)]
+    kw = dict(max_tokens=24, temperature=0, ignore_eos=True, **rule)
+    plain = Engine(model, tokenizer=tok).generate(prompts, **kw)
+    eager = Engine(model, tokenizer=tok).generate(prompts, speculative=True, **kw)
+    recorded = Engine(model, tokenizer=tok, cuda_graphs=True).generate(prompts, speculative=True, **kw)
+    assert [o.token_ids for o in recorded] == [o.token_ids for o in plain]
+    # the same drafts as the eager speculative path (the output alone cannot show a draft made from the wrong pair)
+    assert [(o.num_drafted, o.num_accepted) for o in recorded] == [(o.num_drafted, o.num_accepted) for o in eager]
+    assert sum(o.num_accepted for o in recorded) > 0
+
+
+def test_fused_speculative_step_keeps_the_state_the_general_step_keeps(tok):
+    """Step by step, the fused step and the general verify + draft steps (taken when logprobs are asked for) leave
+    the same hidden state for the next draft and the same MTP cache, also when a thinking rule blocks the bonus
+    token after an accepted draft (the output alone would not show a draft made from the wrong pair)."""
+    model = _rigged(vocab_size=tok.vocab_size)
+    fused, general = Engine(model, tokenizer=tok, cuda_graphs=True), Engine(model, tokenizer=tok, cuda_graphs=True)
+    kw = dict(max_tokens=20, temperature=0, ignore_eos=True, speculative=True, thinking_budget=4)
+    for prompt in ("What is 12+30?<think>", "hello world<think>"):
+        fused.add_request(tok.encode(prompt, add_bos=True), **kw)
+        general.add_request(tok.encode(prompt, add_bos=True), logprobs=True, **kw)
+    mtp_layer = model.config.num_hidden_layers
+    while fused.has_unfinished():
+        fused.step(), general.step()
+        assert [s.out for s in fused.running] == [s.out for s in general.running]
+        for a, b in zip(fused.running, general.running):
+            assert torch.equal(fused.graphs.h_prev[a.slot], general.graphs.h_prev[b.slot])
+            assert torch.equal(fused.cache.latent[mtp_layer, a.slot, : a.n_cached],
+                               general.cache.latent[mtp_layer, b.slot, : b.n_cached])
+    assert not general.has_unfinished()
 
 
 def test_split_reasoning_and_answer():

@@ -266,6 +266,8 @@ class Engine:
         last = self.running.pop()
         if last is not s:
             self.cache.move(last.slot, s.slot, last.n_cached)
+            if self.graphs is not None:
+                self.graphs.move(last.slot, s.slot)
             last.slot = s.slot
             self.running[s.slot] = last
 
@@ -353,8 +355,8 @@ class Engine:
             mslots = self._slots([seqs[b] for b in spec])
             logits, _ = self.model.mtp_step(0, h[r], nxt, mpos, self.cache.bind(mslots, mpos), prefill=True)
             self._set_drafts([seqs[b] for b in spec], logits[torch.arange(len(spec), device=self.device), last[idx]])
-            for b in spec:
-                seqs[b].h_prev = h[rows[b], last[b]].clone()  # a copy: do not keep the whole prompt's states alive
+            for b in spec:  # a copy: do not keep the whole prompt's states alive
+                self._keep_hidden(seqs[b], h[rows[b], last[b]].clone())
 
     def _decode(self, seqs: list[_Seq]) -> None:
         """One token for every row: a [B, 1] forward over the cache, each row at its own position."""
@@ -377,6 +379,8 @@ class Engine:
         dev, B = self.device, len(seqs)
         eligible = [s.params.speculative and s.draft is not None and self._rule(s) is None for s in seqs]
         drafts = [s.draft if s.draft is not None else 0 for s in seqs]
+        if self.graphs is not None and all(eligible) and self._greedy(seqs) and all(s.logprobs is None for s in seqs):
+            return self._speculate_recorded(seqs, drafts)
         tokens = [[s.out[-1], d] for s, d in zip(seqs, drafts)]
         pos = [[s.n_cached, s.n_cached + 1] for s in seqs]
         if self.graphs is not None:
@@ -429,22 +433,21 @@ class Engine:
             bonus = dict(zip(bonus_rows, self._choose(sub, logits[r, 1], u=u[r, 2], extra=extra, raw=True)))
         mtp_h, mtp_tok, mtp_pos, live = [], [], [], []
         for b, s in enumerate(seqs):
-            prev_h, prev_tok, n0 = s.h_prev, s.out[-1], s.n_cached
+            prev_h, prev_tok, n0 = self._hidden_prev(s), s.out[-1], s.n_cached
             s.n_cached += 1
             self._append(s, drafts[b] if accepted[b] else plain[b], raw0, b)
             if b in bonus and s.finish_reason is None:
                 s.n_cached += 1
                 self._append(s, bonus[b], logits, b, 1)
                 pairs = (h[b, 0], drafts[b], n0), (h[b, 1], bonus[b], n0 + 1)
-                s.h_prev = h[b, 1]
             else:
                 pairs = (prev_h, prev_tok, n0 - 1), (h[b, 0], s.out[-1], n0)
-                s.h_prev = h[b, 0]
             if s.finish_reason is None and s.params.speculative and prev_h is not None:
                 live.append(s)
                 mtp_h.append(torch.stack([pairs[0][0], pairs[1][0]]))
                 mtp_tok.append([pairs[0][1], pairs[1][1]])
                 mtp_pos.append([pairs[0][2], pairs[1][2]])
+            self._keep_hidden(s, pairs[1][0])  # after the stack: prev_h may be a view of what this overwrites
         if live:
             hp = torch.stack(mtp_h)
             if self.graphs is not None:
@@ -455,6 +458,32 @@ class Engine:
                                                self.cache.bind(self._slots(live), mpos), prefill=False)[0][:, 1]
                 m_top = m_logits.argmax(dim=-1)
             self._set_drafts(live, m_logits, picked=m_top.tolist() if self._greedy(live) else None)
+
+    def _speculate_recorded(self, seqs: list[_Seq], drafts: list[int]) -> None:
+        """`_decode_speculative` for greedy rows that all speculate, with no rule pending: the verify forward, the
+        accept rule and the next draft run as one recorded step, and one read-back brings all of it."""
+        bonus_ok = [self._rule(s, extra=d) is None for s, d in zip(seqs, drafts)]
+        rows = self.graphs.speculate([[s.out[-1], d] for s, d in zip(seqs, drafts)],
+                                     [[s.n_cached, s.n_cached + 1] for s in seqs], bonus_ok)
+        for s, d, ok, (emitted, bonus, draft) in zip(seqs, drafts, bonus_ok, rows):
+            s.drafted += 1
+            s.accepted += int(d == emitted)
+            s.n_cached += 1
+            self._append(s, emitted, None)
+            if d == emitted and ok and s.finish_reason is None:
+                s.n_cached += 1
+                self._append(s, bonus, None)
+            s.draft = draft
+
+    def _hidden_prev(self, s: _Seq) -> torch.Tensor | None:
+        """The hidden state the next draft step starts from (on the device with CUDA graphs, else on the row)."""
+        return self.graphs.h_prev[s.slot] if self.graphs is not None else s.h_prev
+
+    def _keep_hidden(self, s: _Seq, h: torch.Tensor) -> None:
+        if self.graphs is not None:
+            self.graphs.h_prev[s.slot] = h
+        else:
+            s.h_prev = h
 
     # ------------------------------------------------------------------------------------------ choosing tokens
     def _uniforms(self, seqs: list[_Seq], k: int) -> torch.Tensor:
