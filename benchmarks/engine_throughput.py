@@ -141,16 +141,16 @@ def main() -> None:
         prompts = torch.randint(10, cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
         # Each contestant warmed up once, then --reps timed runs taken in turns; each keeps its best. Python-bound
         # loops (transformers' above all) swing by up to 1.6x between runs on a shared host: measured on the H100.
-        best = {}
+        best, outs = {}, {}
         for rep in range(args.reps):
             for name, engine in (("ours", ours_engine), ("eager", eager_engine), ("compiled", compiled_engine)):
                 if engine is not None:
-                    tps, outs = time_ours(engine, prompts, args.new_tokens, args.device, warm=rep == 0)
+                    tps, outs[name] = time_ours(engine, prompts, args.new_tokens, args.device, warm=rep == 0)
                     best[name] = max(best.get(name, 0.0), tps)
-                    ours_outs = outs if name == "ours" else ours_outs
             tps, hf_out = time_hf(hf, prompts, args.new_tokens, args.device, warm=rep == 0)
             best["hf"] = max(best.get("hf", 0.0), tps)
         ours_tps, hf_tps, eager_tps, compiled_tps = best["ours"], best["hf"], best.get("eager"), best.get("compiled")
+        ours_outs = outs["ours"]
         same = sum(o.token_ids == s[args.prompt_len:].tolist() for o, s in zip(ours_outs, hf_out.sequences))
         hf_measured = hf_cache_bytes_measured(hf_out, B) or hf_measured
         rows.append((B, ours_tps, hf_tps, same, eager_tps, compiled_tps))

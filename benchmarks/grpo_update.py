@@ -33,7 +33,8 @@ from nanoseek.data.tasks import builtin_corpus
 from nanoseek.infer.engine import Engine
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.grpo import GRPOConfig, RolloutBatches, right_padded, token_logps
+from nanoseek.train.completions import right_padded, token_logps
+from nanoseek.train.grpo import GRPOConfig, RolloutBatches
 from results_md import publish  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## GRPO step, part by part (issue 5)"

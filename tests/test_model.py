@@ -2,7 +2,6 @@
 
 import json
 import time
-import warnings
 
 import pytest
 import torch

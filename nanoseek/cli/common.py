@@ -88,6 +88,9 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float, max_token
     p.add_argument("--speculative", action="store_true", help="draft with the MTP module, verify with the model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weights dtype (default: as stored)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on a GPU, launch every kernel of a decode step instead of replaying recorded steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile each layer (a compile per batch shape)")
 
 
 def engine_from_args(args: argparse.Namespace, max_batch: int):
@@ -97,7 +100,8 @@ def engine_from_args(args: argparse.Namespace, max_batch: int):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return Engine(args.model, dtype=dtype, device=device, max_batch=max_batch)
+    return Engine(args.model, dtype=dtype, device=device, max_batch=max_batch,
+                  cuda_graphs=False if args.no_cuda_graphs else None, compile=args.compile)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
