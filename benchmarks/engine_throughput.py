@@ -130,7 +130,8 @@ def main() -> None:
     save_model(DeepseekV3ForCausalLM(cfg), tmp / "model")
     batches = [int(b) for b in args.batches.split(",")]
     gpu = args.device.startswith("cuda")
-    engine_kw = dict(dtype=dtype, device=args.device, max_batch=max(batches), max_len=args.prompt_len + args.new_tokens + 8)
+    engine_kw = dict(dtype=dtype, device=args.device, max_batch=max(batches),
+                     max_len=args.prompt_len + args.new_tokens + 8)
     ours_engine = Engine(tmp / "model", **engine_kw)
     eager_engine = Engine(tmp / "model", cuda_graphs=False, **engine_kw) if gpu else None  # what the graphs add
     compiled_engine = Engine(tmp / "model", compile=True, **engine_kw) if args.compile else None
@@ -157,7 +158,8 @@ def main() -> None:
         print(f"batch {B:>2}: nanoseek {ours_tps:8.1f} tok/s   transformers {hf_tps:8.1f} tok/s   "
               f"x{ours_tps / hf_tps:.1f}   identical greedy outputs {same}/{B}"
               + (f"   (no CUDA graphs: {eager_tps:.1f} tok/s)" if gpu else "")
-              + (f"   (compiled: {compiled_tps:.1f} tok/s, x{compiled_tps / hf_tps:.1f})" if args.compile else ""), flush=True)
+              + (f"   (compiled: {compiled_tps:.1f} tok/s, x{compiled_tps / hf_tps:.1f})" if args.compile else ""),
+              flush=True)
 
     el = torch.empty((), dtype=dtype).element_size()
     ours_bpt = ours_engine.cache_bytes_per_token
@@ -190,7 +192,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine())
     machine = (f"{device_name}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
                f"transformers {__import__('transformers').__version__}, {args.dtype}")
-    extra = [name for name, on in (("nanoseek without CUDA graphs", gpu), ("nanoseek with torch.compile", args.compile)) if on]
+    extra = [name for name, on in (("nanoseek without CUDA graphs", gpu), ("nanoseek with torch.compile", args.compile))
+             if on]
     graph_col = "".join(f" {name} tok/s |" for name in extra)
     lines = [
         GPU_SECTION if gpu else SECTION, "",
@@ -228,8 +231,8 @@ def main() -> None:
     worst = min(o / h for _, o, h, _, _, _ in rows)
     if gpu:
         lines += [f"Target >= 10x at both batch sizes: **{'met' if worst >= 10 else 'not met'}** (worst {worst:.1f}x). "
-                  "Decode steps replay CUDA graphs (`nanoseek/infer/graphs.py`); the 'without CUDA graphs' column is the same "
-                  "engine launching every kernel from Python.", ""]
+                  "Decode steps replay CUDA graphs (`nanoseek/infer/graphs.py`); the 'without CUDA graphs' column is "
+                  "the same engine launching every kernel from Python.", ""]
     elif worst < 10:
         lines += [f"Target >= 10x at both batch sizes: **not met** (worst {worst:.1f}x). On this CPU a batch-1 decode "
                   "step is bound by per-op overhead and by reading the weights (about 10 GB/s on one core), a "

@@ -195,14 +195,15 @@ def _kernel_layout(device: torch.device) -> int | None:
     key = (device.type, device.index)
     if key not in _KERNEL_LAYOUT:
         found = None
-        if device.type == "cuda" and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (9, 0):
+        hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+        if hopper and hasattr(torch, "_scaled_mm"):
             g = torch.Generator(device=device).manual_seed(0)
             aq = quantize(torch.randn(256, 384, device=device, generator=g), TILE)
             w = torch.randn(512, 384, device=device, generator=g)  # N/128 = 4, K/128 = 3: a transpose shows
+            exact = [(b, aq.dequantize() @ b.dequantize().t()) for b in (quantize(w, WEIGHT_BLOCK), quantize(w, TILE))]
             for layout in range(len(_BLOCK_SCALE_LAYOUTS)):
                 try:
-                    if all(_close(_scaled_mm_blockwise(aq, bq, torch.float32, layout), aq.dequantize() @ bq.dequantize().t())
-                           for bq in (quantize(w, WEIGHT_BLOCK), quantize(w, TILE))):
+                    if all(_close(_scaled_mm_blockwise(aq, bq, torch.float32, layout), ref) for bq, ref in exact):
                         found = layout
                         break
                 except (RuntimeError, TypeError, ValueError, NotImplementedError):

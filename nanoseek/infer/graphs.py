@@ -56,7 +56,7 @@ class DecodeGraphs:
     def span(self, furthest: int) -> int:
         return min(max(MIN_SPAN, 1 << (furthest - 1).bit_length()), self.cache.max_len)
 
-    # ------------------------------------------------------------------------------------------ the three steps
+    # ------------------------------------------------------------------------------------------ the steps
     # Each step also returns its logits' argmaxes: for greedy rows they are the answer, and reading back a few
     # integers recorded in the graph saves a launch per step (on a virtualised GPU every call costs tens of µs).
     def decode(self, tokens: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +118,8 @@ class DecodeGraphs:
             return (self._speculate(tokens, positions, slots, self.ids[3, :padded, 0], span),)
         if kind == "mtp":  # rows in any slots: the cache gathers them
             cache = self.cache.bind_fixed(slots, positions, span, view=False)
-            logits = self.model.mtp_step(0, self.hidden[:padded], tokens, positions, cache, prefill=False)[0][:, 1].float()
-            return logits, logits.argmax(dim=-1)
+            logits = self.model.mtp_step(0, self.hidden[:padded], tokens, positions, cache, prefill=False)[0]
+            return logits[:, 1].float(), logits[:, 1].float().argmax(dim=-1)
         h = self.model.hidden_states(tokens, positions, self.cache.bind_fixed(slots, positions, span), prefill=False)
         if kind == "decode":
             logits = self.model.lm_head(h[:, 0]).float()
