@@ -145,11 +145,12 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         # Decode steps replay CUDA graphs on a GPU (see graphs.py); `cuda_graphs=True` on the CPU runs the same
         # padded fixed-shape steps unrecorded (for tests). They need one scratch slot past the engine's own.
-        graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         # +1 position: a speculative verify writes its draft one position past the last token it may keep.
-        self.cache = LatentCache(self.config, max_batch + int(graphs), self.max_len + 1, dtype=self.dtype,
+        self.cache = LatentCache(self.config, max_batch + int(use_graphs), self.max_len + 1, dtype=self.dtype,
                                  device=self.device)
-        self.graphs = DecodeGraphs(model, self.cache, max_batch, record=self.device.type == "cuda") if graphs else None
+        self.graphs = (DecodeGraphs(model, self.cache, max_batch, record=self.device.type == "cuda")
+                       if use_graphs else None)
         if compile:  # torch.compile each layer of this model (in place): fused kernels, after a compile per shape
             for layer in model.model.layers:
                 layer.compile()
