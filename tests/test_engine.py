@@ -446,10 +446,14 @@ def test_bad_prompts_and_directories(tmp_path):
         Engine(tmp_path / "missing")
 
 
-def test_length_limit_of_the_context_ends_with_length():
-    engine = Engine(_model(), max_len=16)
-    out = engine.generate([list(range(10))], max_tokens=100, temperature=0, ignore_eos=True, speculative=True)[0]
-    assert out.finish_reason == "length" and len(out.token_ids) == 6
+@pytest.mark.parametrize("cuda_graphs", [False, True])  # recorded steps: the key span is capped by the cache
+def test_length_limit_of_the_context_ends_with_length(cuda_graphs):
+    model = _model()
+    engine = Engine(model, max_len=16, cuda_graphs=cuda_graphs)
+    for speculative in (True, False):
+        out = engine.generate([list(range(10))], max_tokens=100, temperature=0, ignore_eos=True,
+                              speculative=speculative)[0]
+        assert out.finish_reason == "length" and out.token_ids == _reference(model, list(range(10)), 6)[0]
 
 
 def test_cache_bytes_per_token_and_loading_from_a_directory(tmp_path, tok):
