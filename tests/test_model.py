@@ -325,3 +325,19 @@ def test_to_hub_state_dict_has_no_fused_or_nonpersistent_keys():
     keys = set(to_hub_state_dict(DeepseekV3ForCausalLM(smoke())))
     assert not any("rotary_emb" in k or "load_counts" in k or "gate_up_proj" in k for k in keys)
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_spellings_agree(dtype, interleave):
+    """Eager rope is a complex product, compiled rope the real form (inductor has no complex numbers): the same
+    numbers, for both pairings, on a non-contiguous slice as MLA hands it over."""
+    from nanoseek.model.rope import _rotate_complex, _rotate_real
+
+    x = torch.randn(2, 5, 3, 24).to(dtype)[..., 8:]
+    angles = torch.randn(2, 5, 1, 8)
+    a = _rotate_complex(x, angles.cos(), angles.sin(), interleave)
+    b = _rotate_real(x, angles.cos(), angles.sin(), interleave)
+    assert a.dtype == dtype and torch.allclose(a.float(), b.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert (a.float() - x.float()).abs().max() > 0.1  # it did rotate
+

@@ -73,10 +73,21 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = True) -> torch.Tensor:
     """Rotate x [B, T, H, rope_dim] by position; returns the de-interleaved layout in x's dtype."""
-    # Each pair (x1, x2) as the complex number x1 + i x2, rotated by one complex product with cos + i sin; the
-    # real parts are the rotated x1s, the imaginary parts the rotated x2s. A handful of kernels instead of ten
-    # (decoding a small model on a GPU is bound by how many kernels it launches).
+    # Two spellings of the same arithmetic (tested equal): eager, a complex product is a handful of kernels
+    # instead of ten (decoding a small model on a GPU is bound by how many kernels it launches); compiled, the
+    # real form fuses into one kernel, while inductor cannot generate code for complex numbers at all.
+    return (_rotate_real if torch.compiler.is_compiling() else _rotate_complex)(x, cos, sin, interleave)
+
+
+def _rotate_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    # Each pair (x1, x2) as x1 + i x2 times cos + i sin: the real parts are the rotated x1s, the imaginary the x2s.
     xf = x.float()
     pairs = xf.unflatten(-1, (-1, 2)) if interleave else xf.unflatten(-1, (2, -1)).transpose(-1, -2)
     rotated = torch.view_as_complex(pairs.contiguous()) * torch.complex(cos, sin)
     return torch.view_as_real(rotated).transpose(-1, -2).flatten(-2).to(x.dtype)
+
+
+def _rotate_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
+    x1, x2 = x1.float(), x2.float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
