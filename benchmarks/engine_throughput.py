@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the engine with torch.compile'd layers")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("engine_throughput: --device cuda but no CUDA GPU here; leave --device out for the CPU")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import DeepseekV3ForCausalLM as HF

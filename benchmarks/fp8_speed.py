@@ -103,6 +103,12 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("fp8_speed: no CUDA GPU here; run it on a Hopper GPU, or pass --device cpu to check the script")
         return 2
+    try:
+        for p in a.presets.split(","):
+            preset(p)
+    except ValueError as e:
+        print(f"fp8_speed: {e}")
+        return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (emulated FP8)"
     kernel = _kernel_available(device)
     rows = []

@@ -158,6 +158,9 @@ def run_trl(a, model_dir: Path, problems: list[Problem]) -> tuple[list[float], s
 # ============================================================================ results
 def main() -> int:
     a = parse()
+    if gpu(a) and not torch.cuda.is_available():
+        print("grpo_step: --device cuda but no CUDA GPU here; leave --device out to run on the CPU")
+        return 2
     if a.threads:
         torch.set_num_threads(a.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
