@@ -399,7 +399,7 @@ def test_fused_speculative_step_keeps_the_state_the_general_step_keeps(tok):
         fused.step(), general.step()
         assert [s.out for s in fused.running] == [s.out for s in general.running]
         for a, b in zip(fused.running, general.running):
-            assert torch.equal(fused.graphs.h_prev[a.slot], general.graphs.h_prev[b.slot])
+            assert torch.equal(fused.cache.hidden[a.slot], general.cache.hidden[b.slot])
             assert torch.equal(fused.cache.latent[mtp_layer, a.slot, : a.n_cached],
                                general.cache.latent[mtp_layer, b.slot, : b.n_cached])
     assert not general.has_unfinished()

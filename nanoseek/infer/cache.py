@@ -6,6 +6,9 @@ forward pass the engine `bind`s which slots the batch rows use and the position 
 then writes its latents at those positions and reads back everything its rows may attend to. Visibility comes
 from positions alone (key s is visible to a query at position p iff s <= p), so rolling back rejected speculative
 tokens costs nothing: the next write simply overwrites them.
+
+With MTP layers the cache also keeps each slot's newest main-model hidden state (`hidden`): MTP speculation
+drafts the next token from it, so it is per-slot state that moves with the slot's latents.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class LatentCache:
         self.mask: torch.Tensor | None = None
         self.span = 0  # keys 0..span-1 are read back: the furthest bound position + 1
         self.block: tuple[int, int] | None = None  # the bound slots as a range, when they form one
+        self.hidden = (torch.zeros(num_slots, config.hidden_size, dtype=dtype, device=device)
+                       if include_mtp and config.num_nextn_predict_layers else None)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -75,5 +80,7 @@ class LatentCache:
         return self.latent[layer, which, : self.span], self.mask
 
     def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of slot `src` to slot `dst`, in every layer."""
+        """Copy the first `length` positions of slot `src` to slot `dst`, in every layer (and its hidden state)."""
         self.latent[:, dst, :length] = self.latent[:, src, :length]
+        if self.hidden is not None:
+            self.hidden[dst] = self.hidden[src]

@@ -109,8 +109,8 @@ class _Seq:
         self.text, self.emitted, self.p_off, self.r_off = "", 0, 0, 0
         self.new: list[int] = []  # tokens produced in the current step
         self.finish_reason: str | None = None
-        # speculation state: h_{n-1} and the draft for position n+1 (with its distribution when sampling)
-        self.h_prev: torch.Tensor | None = None
+        # speculation state: the draft for position n+1 (with its distribution when sampling); h_{n-1} is kept in
+        # the cache, per slot (`LatentCache.hidden`)
         self.draft: int | None = None
         self.draft_q: torch.Tensor | None = None
         self.drafted = self.accepted = 0
@@ -267,8 +267,6 @@ class Engine:
         last = self.running.pop()
         if last is not s:
             self.cache.move(last.slot, s.slot, last.n_cached)
-            if self.graphs is not None:
-                self.graphs.move(last.slot, s.slot)
             last.slot = s.slot
             self.running[s.slot] = last
 
@@ -356,8 +354,8 @@ class Engine:
             mslots = self._slots([seqs[b] for b in spec])
             logits, _ = self.model.mtp_step(0, h[r], nxt, mpos, self.cache.bind(mslots, mpos), prefill=True)
             self._set_drafts([seqs[b] for b in spec], logits[torch.arange(len(spec), device=self.device), last[idx]])
-            for b in spec:  # a copy: do not keep the whole prompt's states alive
-                self._keep_hidden(seqs[b], h[rows[b], last[b]].clone())
+            for b in spec:
+                self.cache.hidden[seqs[b].slot] = h[rows[b], last[b]]
 
     def _decode(self, seqs: list[_Seq]) -> None:
         """One token for every row: a [B, 1] forward over the cache, each row at its own position."""
@@ -434,7 +432,7 @@ class Engine:
             bonus = dict(zip(bonus_rows, self._choose(sub, logits[r, 1], u=u[r, 2], extra=extra, raw=True)))
         mtp_h, mtp_tok, mtp_pos, live = [], [], [], []
         for b, s in enumerate(seqs):
-            prev_h, prev_tok, n0 = self._hidden_prev(s), s.out[-1], s.n_cached
+            prev_h, prev_tok, n0 = self.cache.hidden[s.slot], s.out[-1], s.n_cached
             s.n_cached += 1
             self._append(s, drafts[b] if accepted[b] else plain[b], raw0, b)
             if b in bonus and s.finish_reason is None:
@@ -443,12 +441,12 @@ class Engine:
                 pairs = (h[b, 0], drafts[b], n0), (h[b, 1], bonus[b], n0 + 1)
             else:
                 pairs = (prev_h, prev_tok, n0 - 1), (h[b, 0], s.out[-1], n0)
-            if s.finish_reason is None and s.params.speculative and prev_h is not None:
+            if s.finish_reason is None and s.params.speculative:
                 live.append(s)
                 mtp_h.append(torch.stack([pairs[0][0], pairs[1][0]]))
                 mtp_tok.append([pairs[0][1], pairs[1][1]])
                 mtp_pos.append([pairs[0][2], pairs[1][2]])
-            self._keep_hidden(s, pairs[1][0])  # after the stack: prev_h may be a view of what this overwrites
+            self.cache.hidden[s.slot] = pairs[1][0]  # after the stack: prev_h is a view of what this overwrites
         if live:
             hp = torch.stack(mtp_h)
             if self.graphs is not None:
@@ -475,16 +473,6 @@ class Engine:
                 s.n_cached += 1
                 self._append(s, bonus, None)
             s.draft = draft
-
-    def _hidden_prev(self, s: _Seq) -> torch.Tensor | None:
-        """The hidden state the next draft step starts from (on the device with CUDA graphs, else on the row)."""
-        return self.graphs.h_prev[s.slot] if self.graphs is not None else s.h_prev
-
-    def _keep_hidden(self, s: _Seq, h: torch.Tensor) -> None:
-        if self.graphs is not None:
-            self.graphs.h_prev[s.slot] = h
-        else:
-            s.h_prev = h
 
     # ------------------------------------------------------------------------------------------ choosing tokens
     def _uniforms(self, seqs: list[_Seq], k: int) -> torch.Tensor:

@@ -31,8 +31,8 @@ MIN_SPAN = 64
 
 class DecodeGraphs:
     """Recorded `decode`, `verify`, `mtp` and `speculate` steps over an engine's cache. The cache needs one slot
-    more than `max_batch`: the last one is the padding rows' scratch. `h_prev` holds each slot's last hidden state
-    for speculation (what the next draft step reads), on the device so that `speculate` can read and write it."""
+    more than `max_batch`: the last one is the padding rows' scratch. `speculate` reads and writes each slot's
+    newest hidden state in the cache (`LatentCache.hidden`), the next draft step's input."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, cache: LatentCache, max_batch: int, record: bool):
         self.model, self.cache, self.max_batch, self.record = model, cache, max_batch, record
@@ -46,7 +46,6 @@ class DecodeGraphs:
         self.ids = torch.zeros(4, max_batch, 2, dtype=torch.long, device=dev)
         D, dtype = model.config.hidden_size, next(model.parameters()).dtype
         self.hidden = torch.zeros(max_batch, 2, D, dtype=dtype, device=dev)
-        self.h_prev = torch.zeros(self.scratch + 1, D, dtype=dtype, device=dev)
         self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self.pool = torch.cuda.graph_pool_handle() if record else None
 
@@ -78,14 +77,10 @@ class DecodeGraphs:
 
     def speculate(self, tokens: list[list[int]], positions: list[list[int]], bonus_ok: list[bool]) -> list[list[int]]:
         """A whole greedy speculative step for rows in slots 0..B-1: verify [pending token, draft], accept the
-        draft iff it is the argmax, run the MTP module over the right (hidden state, token) pairs, update
-        `h_prev`. -> per row [argmax after the pending token, argmax after the draft, the next draft]."""
+        draft iff it is the argmax, run the MTP module over the right (hidden state, token) pairs, keep the newest
+        hidden state in the cache. -> per row [argmax after the pending token, argmax after the draft, the next draft]."""
         flags = [[int(ok), 0] for ok in bonus_ok]
         return self._run("speculate", tokens, positions, list(range(len(tokens))), flags)[0].tolist()
-
-    def move(self, src: int, dst: int) -> None:
-        """A request moved from slot src to dst (see `LatentCache.move`): its last hidden state goes with it."""
-        self.h_prev[dst] = self.h_prev[src]
 
     # ------------------------------------------------------------------------------------------ recording
     def _run(self, kind: str, tokens: list[list[int]], positions: list[list[int]], slots: list[int],
@@ -136,26 +131,28 @@ class DecodeGraphs:
         # Accepted with a bonus token: the next draft reads (h_n, draft), (h_n+1, bonus) at n, n+1. Otherwise the
         # row emitted one token: (h_n-1, pending), (h_n, emitted) at n-1, n.
         take = ((tokens[:, 1] == top[:, 0]) & (bonus_ok == 1))[:, None]
-        pair_h = torch.where(take[..., None], h, torch.stack((self.h_prev[slots], h[:, 0]), dim=1))
+        kept = self.cache.hidden
+        pair_h = torch.where(take[..., None], h, torch.stack((kept[slots], h[:, 0]), dim=1))
         pair_tok = torch.where(take, torch.stack((tokens[:, 1], top[:, 1]), dim=1),
                                torch.stack((tokens[:, 0], top[:, 0]), dim=1))
         pair_pos = (positions - (~take).long()).clamp(min=0)  # (padding rows sit at 0)
         logits, _ = model.mtp_step(0, pair_h, pair_tok, pair_pos, self.cache.bind_fixed(slots, pair_pos, span),
                                    prefill=False)
-        self.h_prev[slots] = torch.where(take, h[:, 1], h[:, 0])
+        kept[slots] = torch.where(take, h[:, 1], h[:, 0])
         return torch.cat((top, logits[:, 1].float().argmax(dim=-1, keepdim=True)), dim=1)
 
     def _record(self, kind: str, padded: int, span: int) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         # One eager run first, on a side stream as torch asks: lazy initialisation (cuBLAS handles, autotuning)
         # must not happen while recording. It performs this very step, which the first replay repeats: the same
-        # cache writes, and `h_prev` is put back as it was so that the replay reads what the warm-up read.
-        h_prev = self.h_prev.clone()
+        # cache writes, and the kept hidden states are put back so that the replay reads what the warm-up read.
+        kept = None if self.cache.hidden is None else self.cache.hidden.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._step(kind, padded, span)
         torch.cuda.current_stream().wait_stream(side)
-        self.h_prev.copy_(h_prev)
+        if kept is not None:
+            self.cache.hidden.copy_(kept)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outs = self._step(kind, padded, span)
