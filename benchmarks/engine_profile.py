@@ -40,8 +40,9 @@ def report(engine: Engine, batch: int, speculative: bool, label: str, top: int) 
     outs = engine.generate(prompts.tolist(), **kw)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    steps = NEW / (1 + outs[0].acceptance_rate) if speculative else NEW
-    for (kind, padded, span), (graph, _) in sorted(engine.graphs.graphs.items()):
+    # each step yields 1 token plus its accepted drafts (acceptance is per drafted token, K per step)
+    steps = NEW / (1 + engine.draft_tokens * outs[0].acceptance_rate) if speculative else NEW
+    for (kind, padded, span, _), (graph, _) in sorted(engine.graphs.graphs.items()):
         if padded == engine.graphs.bucket(batch) and span == 128:
             torch.cuda.synchronize()
             t0 = time.perf_counter()

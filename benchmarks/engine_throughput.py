@@ -2,20 +2,18 @@
 
     python benchmarks/engine_throughput.py                 # tiny preset, random weights, CPU
     python benchmarks/engine_throughput.py --device cuda --dtype bfloat16   # also the engine without CUDA graphs
-    python benchmarks/engine_throughput.py --trained runs/tiny   # MTP speculation on a trained checkpoint
 
 Both sides load the same saved checkpoint, decode greedily with their cache, are warmed up first, and must make
 exactly --new-tokens tokens per sequence (min_new_tokens = max_new_tokens for transformers, ignore_eos for us).
 Random weights are fine for throughput. Tokens/s counts new tokens over the whole `generate` call (prefill of a
 short prompt included, on both sides). Also reported: cache bytes per token (ours: the latent cache; transformers:
-full per-head K and V, computed from the config and measured from its DynamicCache), and MTP speculation at
-batch 1 (acceptance rate and speed-up), which only means something on a trained checkpoint.
+full per-head K and V, computed from the config and measured from its DynamicCache). MTP speculation, which
+only means something on a trained checkpoint, has its own benchmark: benchmarks/mtp_speculation.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -34,23 +32,13 @@ from results_md import publish  # noqa: E402 (benchmarks/ is the script's direct
 
 SECTION = "## Inference engine (issue 4)"
 GPU_SECTION = "## Inference engine on a GPU (issue 4)"
-# Measured once with cProfile on `runs/base` (not by this script): what a speculative step costs and why.
-MTP_PROFILE = (
-    "Why MTP gains less than its acceptance rate suggests (cProfile, batch 1, `runs/base`): a verify step runs the "
-    "main model over 2 tokens, and with top-2 routing those usually need more experts than one token, so the MoE "
-    "work nearly doubles (0.59 against 0.33 ms per layer) and the verify forward costs 1.3x a plain one; the MTP "
-    "module adds 2.6 ms against a 9.2 ms plain step. 1.97 tokens per step for 1.6x the time is about 1.2x; 1.5x "
-    "would need the verify step to cost what a plain step does.")
-
-
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def time_ours(engine: Engine, prompts: list[list[int]], new: int, device: str, speculative: bool = False,
-              warm: bool = True):
-    kw = dict(temperature=0.0, ignore_eos=True, speculative=speculative)
+def time_ours(engine: Engine, prompts: list[list[int]], new: int, device: str, warm: bool = True):
+    kw = dict(temperature=0.0, ignore_eos=True)
     if warm:  # full length: records every CUDA graph (and compiles every shape) the timed run needs
         engine.generate(prompts, max_tokens=new, **kw)
     sync(device)
@@ -92,19 +80,6 @@ def hf_cache_bytes_measured(out, batch: int) -> float | None:
     return total / (batch * seq) if seq else None
 
 
-def find_trained(root: Path = Path("runs")) -> Path | None:
-    """The newest run model under runs/ that has MTP weights (a trained checkpoint for the speculation figure)."""
-    best = None
-    for cfg in root.glob("**/model/config.json") if root.exists() else []:
-        try:
-            if json.loads(cfg.read_text()).get("num_nextn_predict_layers", 0) > 0 and any(cfg.parent.glob("*.safetensors")):
-                if best is None or cfg.stat().st_mtime > best.stat().st_mtime:
-                    best = cfg
-        except (OSError, json.JSONDecodeError):
-            continue
-    return best.parent if best else None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -115,7 +90,6 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per contestant, best kept (default 3)")
-    ap.add_argument("--trained", default=None, help="trained checkpoint for the MTP figure (default: newest under runs/)")
     ap.add_argument("--compile", action="store_true", help="also time the engine with torch.compile'd layers")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
     args = ap.parse_args()
@@ -169,28 +143,6 @@ def main() -> None:
     print(f"cache bytes/token: nanoseek {ours_bpt}  transformers {hf_bpt} (computed), "
           f"{hf_measured:.0f} (measured)  ratio x{hf_bpt / ours_bpt:.1f}")
 
-    # MTP speculation at batch 1
-    trained = Path(args.trained) if args.trained else find_trained()
-    spec_model = trained if trained else tmp / "model"
-    spec_engine = Engine(spec_model, dtype=dtype, device=args.device, max_batch=1) if trained else ours_engine
-    spec_cfg = spec_engine.config
-    prompt = torch.randint(10, spec_cfg.vocab_size, (1, args.prompt_len), generator=g).tolist()
-    if trained and spec_engine.tokenizer is not None:
-        prompt = [spec_engine.tokenizer.render_chat_ids([{"role": "user", "content": "What is 12+30?"}])]
-    # Alternate plain and speculative runs and keep each one's best of three: one 128-token run at batch 1 takes
-    # about a second, so a single pair is at the mercy of anything else on the machine.
-    base_tps = spec_tps = 0.0
-    for _ in range(3):
-        tps, base_outs = time_ours(spec_engine, prompt, args.new_tokens, args.device)
-        base_tps = max(base_tps, tps)
-        tps, spec_outs = time_ours(spec_engine, prompt, args.new_tokens, args.device, speculative=True)
-        spec_tps = max(spec_tps, tps)
-    acc = spec_outs[0].acceptance_rate
-    identical = spec_outs[0].token_ids == base_outs[0].token_ids
-    label = f"trained checkpoint `{trained}`" if trained else "random weights (no trained checkpoint under runs/ yet)"
-    print(f"MTP speculation, batch 1, {label}: acceptance {acc:.1%}, {spec_tps:.1f} vs {base_tps:.1f} tok/s "
-          f"(x{spec_tps / base_tps:.2f}), identical to plain greedy: {identical}")
-
     device_name = torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine())
     machine = (f"{device_name}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
                f"transformers {__import__('transformers').__version__}, {args.dtype}")
@@ -223,13 +175,9 @@ def main() -> None:
         "[B, 1, S, kv_lora_rank] as keys and k_pe [B, 1, S, rope] as values), so the per-head figure is what a "
         "full K/V cache (older transformers, vLLM with MLA disabled) would hold, not what this version holds.",
         "",
-        "| MTP speculation, batch 1 | acceptance | plain tok/s | speculative tok/s | speed-up | identical output |",
-        "|---|---|---|---|---|---|",
-        f"| {label} | {acc:.1%} | {base_tps:.1f} | {spec_tps:.1f} | {spec_tps / base_tps:.2f}x | {identical} |",
+        "MTP speculation: see \"MTP speculation\" (`benchmarks/mtp_speculation.py`).",
         "",
     ]
-    if trained and not gpu:
-        lines += [MTP_PROFILE, ""]
     worst = min(o / h for _, o, h, _, _, _ in rows)
     if gpu:
         lines += [f"Target >= 10x at both batch sizes: **{'met' if worst >= 10 else 'not met'}** (worst {worst:.1f}x). "
@@ -247,10 +195,6 @@ def main() -> None:
                   "batch 1 at 5.8 ms/step against 19 ms for the same code eager, but took 46-75 s to compile per "
                   "batch size and gave no gain at batch 16, so the engine does not use it. On a GPU the engine "
                   "replays CUDA graphs and meets the target (\"Inference engine on a GPU\").", ""]
-    if not trained:
-        lines += ["The trained-checkpoint MTP figure is **pending**: no trained checkpoint with MTP weights existed under "
-                  "`runs/` when this ran. A random model's MTP drafts are almost never accepted, so this row shows "
-                  "the cost of speculating, not its benefit (target on a trained checkpoint: >= 1.5x).", ""]
     text = "\n".join(lines)
     publish(GPU_SECTION if gpu else SECTION, text, write=not args.no_write)
 

@@ -85,7 +85,10 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float, max_token
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--thinking-budget", type=int, default=None, help="at most N thinking tokens, then </think> is forced")
     p.add_argument("--min-thinking-tokens", type=int, default=None, help="replace an earlier </think> by 'Wait'")
-    p.add_argument("--speculative", action="store_true", help="draft with the MTP module, verify with the model")
+    p.add_argument("--speculative", action="store_true", help="draft with the MTP modules, verify with the model")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="with --speculative: tokens drafted per step, one per MTP module in a chain (default: as "
+                        "many as the checkpoint has modules)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weights dtype (default: as stored)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--no-cuda-graphs", action="store_true",
@@ -101,7 +104,8 @@ def engine_from_args(args: argparse.Namespace, max_batch: int):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return Engine(args.model, dtype=dtype, device=device, max_batch=max_batch,
-                  cuda_graphs=False if args.no_cuda_graphs else None, compile=args.compile)
+                  cuda_graphs=False if args.no_cuda_graphs else None, compile=args.compile,
+                  draft_tokens=args.draft_tokens)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

@@ -7,8 +7,10 @@ then writes its latents at those positions and reads back everything its rows ma
 from positions alone (key s is visible to a query at position p iff s <= p), so rolling back rejected speculative
 tokens costs nothing: the next write simply overwrites them.
 
-With MTP layers the cache also keeps each slot's newest main-model hidden state (`hidden`): MTP speculation
-drafts the next token from it, so it is per-slot state that moves with the slot's latents.
+With two or more MTP modules the cache also keeps, per slot, one hidden state for each module after the first
+(`hidden` [slots, modules - 1, D]): drafting a chain of tokens, module m starts from module m-1's output at the
+position m before the newest, computed in the step before (see `Engine._draft`). It is per-slot state that moves
+with the slot's latents.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ class LatentCache:
         self.mask: torch.Tensor | None = None
         self.span = 0  # keys 0..span-1 are read back: the furthest bound position + 1
         self.block: tuple[int, int] | None = None  # the bound slots as a range, when they form one
-        self.hidden = (torch.zeros(num_slots, config.hidden_size, dtype=dtype, device=device)
-                       if include_mtp and config.num_nextn_predict_layers else None)
+        chained = config.num_nextn_predict_layers - 1 if include_mtp else 0
+        self.hidden = (torch.zeros(num_slots, chained, config.hidden_size, dtype=dtype, device=device)
+                       if chained > 0 else None)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -80,7 +83,7 @@ class LatentCache:
         return self.latent[layer, which, : self.span], self.mask
 
     def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of slot `src` to slot `dst`, in every layer (and its hidden state)."""
+        """Copy the first `length` positions of slot `src` to slot `dst`, in every layer (and its hidden states)."""
         self.latent[:, dst, :length] = self.latent[:, src, :length]
         if self.hidden is not None:
             self.hidden[dst] = self.hidden[src]

@@ -4,19 +4,22 @@ One `Engine` owns a model and a `LatentCache` with `max_batch` slots. Requests w
 1. admits waiting requests into free slots and prefills them (right-padded forwards of prompts of similar
    length, full attention; identical prompts run once and the others copy its cache), and
 2. decodes every request that was already running with one forward over [B, 1] (absorbed attention over the
-   cache, each row at its own position), or [B, 2] when speculating: the pending token plus the MTP draft.
+   cache, each row at its own position), or [B, K+1] when speculating: the pending token plus K MTP drafts.
    On a GPU these forwards replay CUDA graphs recorded once per batch bucket and key span (graphs.py).
 Finished requests leave at once and free their slot for the next step; the request in the highest slot moves
 into it, so the running batch always holds slots 0..n-1 and attention reads the cache as a view, not a copy.
 Everything rests on the cache's rule that a key is visible iff its position is <= the query's: padding, rejected
 drafts and a freed slot's old contents are simply overwritten later and never need clearing.
 
-Speculation (one MTP module, one draft token): MTP module 0 at position i reads the main model's hidden state
-h_i and the embedding of token t_{i+1} and predicts t_{i+2}. After each verify step the engine runs the MTP
-module over the last two (h, next token) pairs of every row, which both keeps the MTP cache layer filled up to
-the newest position (whether the draft was accepted or not) and yields the next draft. Greedy rows accept a
-draft iff it equals the target argmax (so the output equals plain greedy decoding); sampled rows use
-`speculative_accept`, so the output is distributed exactly as without speculation.
+Speculation (DeepSeek-V3's MTP modules as the drafter): module m at position i reads h^m_i (the main model's
+hidden state for m = 0, module m-1's output otherwise) and the embedding of t_{i+m+1}, and predicts t_{i+m+2}.
+So after position n-1 the modules in a chain propose d_1..d_K for positions n+1..n+K (K = `draft_tokens`, at
+most one per module the checkpoint has). A verify step runs [t_n, d_1..d_K] through the main model at once and
+accepts drafts left to right: greedy rows while each equals the target's argmax (so the output equals plain
+greedy decoding), sampled rows by `speculative_accept` (so it is distributed exactly as without speculation).
+The first rejected draft is replaced by the target's own token; when all pass, the token after them comes free.
+Then every module runs over the new pairs (`_draft`), which both keeps its cache layer filled up to the newest
+position and yields the next drafts.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import torch
 
 from nanoseek.checkpoint import load_model, resolve_model_dir
 from nanoseek.infer.cache import LatentCache
+from nanoseek.infer.drafting import mtp_chain
 from nanoseek.infer.graphs import DecodeGraphs
 from nanoseek.infer.reasoning import split_reasoning, think_left_open
-from nanoseek.infer.sampling import SamplingParams, penalise_repeats, probs_from_logits, sample, speculative_accept
+from nanoseek.infer.sampling import (SamplingParams, penalise_rows, probs_for, sample, speculative_accept,
+                                     uniforms)
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 
 # Prefill forwards hold at most this many (padded) tokens, and a prompt joins a forward only if it is at least
@@ -109,10 +114,9 @@ class _Seq:
         self.text, self.emitted, self.p_off, self.r_off = "", 0, 0, 0
         self.new: list[int] = []  # tokens produced in the current step
         self.finish_reason: str | None = None
-        # speculation state: the draft for position n+1 (with its distribution when sampling); h_{n-1} is kept in
-        # the cache, per slot (`LatentCache.hidden`)
-        self.draft: int | None = None
-        self.draft_q: torch.Tensor | None = None
+        # speculation state: the drafts for positions n+1..n+K (with their distributions when sampling)
+        self.drafts: list[int] = []
+        self.draft_qs: list[torch.Tensor] = []
         self.drafted = self.accepted = 0
 
 
@@ -121,7 +125,8 @@ class Engine:
 
     def __init__(self, model_or_path: DeepseekV3ForCausalLM | str | Path, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None, max_batch: int = 16, max_len: int | None = None,
-                 tokenizer=None, cuda_graphs: bool | None = None, compile: bool = False):
+                 tokenizer=None, cuda_graphs: bool | None = None, compile: bool = False,
+                 draft_tokens: int | None = None):
         if isinstance(model_or_path, (str, Path)):
             directory = resolve_model_dir(model_or_path)
             model = load_model(directory, dtype=dtype, device=device)
@@ -143,14 +148,20 @@ class Engine:
         self.max_len = min(max_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # Tokens drafted per speculative step: one per MTP module, unless fewer are asked for.
+        modules = len(model.mtp_modules)
+        self.draft_tokens = modules if draft_tokens is None else draft_tokens
+        if modules and not 1 <= self.draft_tokens <= modules:
+            raise ValueError(f"draft_tokens must be between 1 and {modules} (the checkpoint's MTP modules), "
+                             f"got {draft_tokens}")
         # Decode steps replay CUDA graphs on a GPU (see graphs.py); `cuda_graphs=True` on the CPU runs the same
         # padded fixed-shape steps unrecorded (for tests). They need one scratch slot past the engine's own.
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        # +1 position: a speculative verify writes its draft one position past the last token it may keep.
-        self.cache = LatentCache(self.config, max_batch + int(use_graphs), self.max_len + 1, dtype=self.dtype,
-                                 device=self.device)
-        self.graphs = (DecodeGraphs(model, self.cache, max_batch, record=self.device.type == "cuda")
-                       if use_graphs else None)
+        # +K positions: a speculative verify writes its drafts up to K positions past the last token it may keep.
+        self.cache = LatentCache(self.config, max_batch + int(use_graphs), self.max_len + max(self.draft_tokens, 1),
+                                 dtype=self.dtype, device=self.device)
+        self.graphs = (DecodeGraphs(model, self.cache, max_batch, max(self.draft_tokens, 1),
+                                    record=self.device.type == "cuda") if use_graphs else None)
         if compile:  # torch.compile each layer of this model (in place): fused kernels, after a compile per shape
             for layer in model.model.layers:
                 layer.compile()
@@ -345,17 +356,14 @@ class Engine:
             s.n_cached = len(s.prompt)
             self._append(s, tokens[b], logits, b)
         spec = [b for b, s in enumerate(seqs) if s.params.speculative and self.has_mtp and s.finish_reason is None]
-        if spec:  # MTP over positions 0..P-1: (h_i, t_{i+1}), the last pair using the token just chosen
+        if spec:  # module 0 over positions 0..P-1: (h_i, t_{i+1}), the last pair using the token just chosen
             idx = torch.tensor(spec, device=self.device)
-            r, mpos = rows[idx], torch.arange(T, device=self.device).expand(len(spec), T)
+            r = rows[idx]
             nxt = torch.cat([ids[r, 1:], ids.new_zeros(len(spec), 1)], dim=1)
             nxt[torch.arange(len(spec), device=self.device), last[idx]] = torch.tensor(
                 [tokens[b] for b in spec], device=self.device)
-            mslots = self._slots([seqs[b] for b in spec])
-            logits, _ = self.model.mtp_step(0, h[r], nxt, mpos, self.cache.bind(mslots, mpos), prefill=True)
-            self._set_drafts([seqs[b] for b in spec], logits[torch.arange(len(spec), device=self.device), last[idx]])
-            for b in spec:
-                self.cache.hidden[seqs[b].slot] = h[rows[b], last[b]]
+            self._draft([seqs[b] for b in spec], h[r], nxt, pos[:1].expand(len(spec), T),
+                        [len(seqs[b].prompt) for b in spec], prefill=True)
 
     def _decode(self, seqs: list[_Seq]) -> None:
         """One token for every row: a [B, 1] forward over the cache, each row at its own position."""
@@ -369,153 +377,159 @@ class Engine:
             top = logits.argmax(dim=-1) if greedy else None
         chosen = self._choose(seqs, logits, picked=top.tolist() if greedy else None)
         for b, (s, t) in enumerate(zip(seqs, chosen)):
-            s.n_cached += 1
-            self._append(s, t, logits, b)
+            self._emit(s, t, logits, b)
 
     def _decode_speculative(self, seqs: list[_Seq]) -> None:
-        """Verify [pending token, draft] for every row in one [B, 2] forward; accept, resample, take a bonus token;
-        then run MTP over each row's last two (hidden, next token) pairs for the next draft."""
-        dev, B = self.device, len(seqs)
-        eligible = [s.params.speculative and s.draft is not None and self._rule(s) is None for s in seqs]
-        drafts = [s.draft if s.draft is not None else 0 for s in seqs]
-        if self.graphs is not None and all(eligible) and self._greedy(seqs) and all(s.logprobs is None for s in seqs):
-            return self._speculate_recorded(seqs, drafts)
-        tokens = [[s.out[-1], d] for s, d in zip(seqs, drafts)]
-        pos = [[s.n_cached, s.n_cached + 1] for s in seqs]
+        """Verify [pending token, d_1..d_K] for every row in one [B, K+1] forward; accept drafts left to right, take
+        the target's token after the last accepted one; then draft the next K (`_draft`)."""
+        dev, B, K = self.device, len(seqs), self.draft_tokens
+        eligible = [bool(s.params.speculative and s.drafts) and self._rule(s) is None for s in seqs]
+        greedy = self._greedy(seqs)
+        if self.graphs is not None and all(eligible) and greedy and all(s.logprobs is None for s in seqs):
+            return self._speculate_recorded(seqs)
+        start = [s.n_cached for s in seqs]
+        tokens = torch.tensor([[s.out[-1]] + (s.drafts or [0] * K) for s in seqs], device=dev)
+        pos = torch.tensor(start, device=dev)[:, None] + torch.arange(K + 1, device=dev)
         if self.graphs is not None:
             h, logits, top = self.graphs.verify(tokens, pos)
         else:
-            pos_t = torch.tensor(pos, device=dev)
-            h = self.model.hidden_states(torch.tensor(tokens, device=dev), pos_t,
-                                         self.cache.bind(self._slots(seqs), pos_t), prefill=False)
+            h = self.model.hidden_states(tokens, pos, self.cache.bind(self._slots(seqs), pos), prefill=False)
             logits = self.model.lm_head(h).float()
             top = logits.argmax(dim=-1)
-        raw0 = logits[:, 0]
-        # Greedy rows with no repetition penalty: the two argmaxes per row decide everything (the emitted token,
-        # the draft's fate, the bonus token), so read them back in one transfer instead of one per decision.
-        top = top.tolist() if self._greedy(seqs) else None
-        u = None if top else self._uniforms(seqs, 3).to(dev)
-        # what a row emits when it does not (or cannot) speculate
-        plain = self._choose(seqs, raw0, picked=[t[0] for t in top]) if top else self._choose(seqs, raw0, u=u[:, 1])
-        accepted = [False] * B
-        if any(eligible):
-            if top:
-                acc, tok = [d == t[0] for d, t in zip(drafts, top)], [t[0] for t in top]
+        # Greedy rows with no repetition penalty: the argmaxes decide everything; read them back in one transfer.
+        top = top.tolist() if greedy else None
+        # sampled rows: two uniforms per depth (accept, resample), then one for the token after all K drafts
+        u = None if greedy else uniforms([s.gen for s in seqs], 2 * K + 1).to(dev)
+        # rows that cannot speculate now (a thinking rule is due, or no drafts yet): one token, as in _decode
+        plain = [b for b in range(B) if not eligible[b]]
+        if plain:
+            r = torch.tensor(plain, device=dev)
+            chosen = self._choose([seqs[b] for b in plain], logits[r, 0], u=None if top else u[r, 1],
+                                  picked=[top[b][0] for b in plain] if top else None)
+            for b, t in zip(plain, chosen):
+                self._emit(seqs[b], t, logits, b, 0)
+        alive = [b for b in range(B) if eligible[b]]
+        for b in alive:
+            seqs[b].drafted += K
+        for i in range(K + 1):  # depth i: the token at position n+i+1, from logits row i
+            if not alive:
+                break
+            sub = [seqs[b] for b in alive]
+            if top:  # greedy: the argmaxes decide
+                chosen = [top[b][i] for b in alive]
+                accepted = [t == s.drafts[i] for t, s in zip(chosen, sub)] if i < K else []
             else:
-                proc0 = self._penalise(seqs, raw0)
-                d = torch.tensor(drafts, device=dev)
-                tok = proc0.argmax(dim=-1)
-                acc = d == tok
-                rows = [b for b, s in enumerate(seqs) if s.params.temperature > 0 and eligible[b]]
-                if rows:
-                    r = torch.tensor(rows, device=dev)
-                    p = self._probs([seqs[b] for b in rows], proc0[r])
-                    q = torch.stack([seqs[b].draft_q for b in rows])
-                    a, t = speculative_accept(p, q, d[r], u[r, 0], u[r, 1])
-                    acc[r], tok[r] = a, t
-                acc, tok = acc.tolist(), tok.tolist()
-            for b in range(B):
-                if eligible[b]:
-                    seqs[b].drafted += 1
-                    accepted[b] = acc[b]
-                    seqs[b].accepted += int(acc[b])
-                    plain[b] = tok[b]
-        # bonus token at position n+1 for rows whose draft was accepted and that face no rule there
-        bonus_rows = [b for b in range(B) if accepted[b] and self._rule(seqs[b], extra=drafts[b]) is None]
-        bonus = {}
-        if bonus_rows and top:
-            bonus = {b: top[b][1] for b in bonus_rows}
-        elif bonus_rows:
-            r = torch.tensor(bonus_rows, device=dev)
-            sub = [seqs[b] for b in bonus_rows]
-            extra = [drafts[b] for b in bonus_rows]
-            bonus = dict(zip(bonus_rows, self._choose(sub, logits[r, 1], u=u[r, 2], extra=extra, raw=True)))
-        mtp_h, mtp_tok, mtp_pos, live = [], [], [], []
-        for b, s in enumerate(seqs):
-            prev_h, prev_tok, n0 = self.cache.hidden[s.slot], s.out[-1], s.n_cached
-            s.n_cached += 1
-            self._append(s, drafts[b] if accepted[b] else plain[b], raw0, b)
-            if b in bonus and s.finish_reason is None:
-                s.n_cached += 1
-                self._append(s, bonus[b], logits, b, 1)
-                pairs = (h[b, 0], drafts[b], n0), (h[b, 1], bonus[b], n0 + 1)
-            else:
-                pairs = (prev_h, prev_tok, n0 - 1), (h[b, 0], s.out[-1], n0)
-            if s.finish_reason is None and s.params.speculative:
-                live.append(s)
-                mtp_h.append(torch.stack([pairs[0][0], pairs[1][0]]))
-                mtp_tok.append([pairs[0][1], pairs[1][1]])
-                mtp_pos.append([pairs[0][2], pairs[1][2]])
-            self.cache.hidden[s.slot] = pairs[1][0]  # after the stack: prev_h is a view of what this overwrites
-        if live:
-            hp = torch.stack(mtp_h)
-            if self.graphs is not None:
-                m_logits, m_top = self.graphs.mtp(hp, mtp_tok, mtp_pos, [s.slot for s in live])
-            else:
-                mpos = torch.tensor(mtp_pos, device=dev)
-                m_logits = self.model.mtp_step(0, hp, torch.tensor(mtp_tok, device=dev), mpos,
-                                               self.cache.bind(self._slots(live), mpos), prefill=False)[0][:, 1]
-                m_top = m_logits.argmax(dim=-1)
-            self._set_drafts(live, m_logits, picked=m_top.tolist() if self._greedy(live) else None)
+                r = torch.tensor(alive, device=dev)
+                if i < K:
+                    chosen, accepted = self._judge(sub, i, logits[r, i], u[r, 2 * i: 2 * i + 2])
+                else:  # every draft accepted: the target's next token comes free
+                    chosen = self._choose(sub, logits[r, K], u=u[r, 2 * K], raw=True)
+            if i == K:
+                for b, t in zip(alive, chosen):
+                    self._emit(seqs[b], t, logits, b, K)
+                break
+            survivors = []
+            for b, t, a in zip(alive, chosen, accepted):
+                s = seqs[b]
+                s.accepted += int(a)
+                self._emit(s, t, logits, b, i)
+                if a and s.finish_reason is None and self._rule(s) is None:
+                    survivors.append(b)
+            alive = survivors
+        live = [b for b, s in enumerate(seqs) if s.finish_reason is None and s.params.speculative]
+        if live:  # module 0's new pairs: (h_i, t_{i+1}) for each position i whose token was emitted this step
+            emitted = [seqs[b].n_cached - start[b] for b in live]
+            T = max(emitted)
+            idx = torch.tensor([[min(j, e - 1) for j in range(T)] for e in emitted], device=dev)
+            rows = torch.tensor(live, device=dev)[:, None]
+            new = torch.tensor([seqs[b].out[-e:] + [seqs[b].out[-1]] * (T - e) for b, e in zip(live, emitted)],
+                               device=dev)
+            self._draft([seqs[b] for b in live], h[rows, idx], new, pos[rows, idx], emitted, prefill=False)
 
-    def _speculate_recorded(self, seqs: list[_Seq], drafts: list[int]) -> None:
-        """`_decode_speculative` for greedy rows that all speculate, with no rule pending: the verify forward, the
-        accept rule and the next draft run as one recorded step, and one read-back brings all of it."""
-        bonus_ok = [self._rule(s, extra=d) is None for s, d in zip(seqs, drafts)]
-        rows = self.graphs.speculate([[s.out[-1], d] for s, d in zip(seqs, drafts)],
-                                     [[s.n_cached, s.n_cached + 1] for s in seqs], bonus_ok)
-        for s, d, ok, (emitted, bonus, draft) in zip(seqs, drafts, bonus_ok, rows):
-            s.drafted += 1
-            s.accepted += int(d == emitted)
-            s.n_cached += 1
-            self._append(s, emitted, None)
-            if d == emitted and ok and s.finish_reason is None:
-                s.n_cached += 1
-                self._append(s, bonus, None)
-            s.draft = draft
+    def _judge(self, seqs: list[_Seq], depth: int, logits: torch.Tensor, u: torch.Tensor
+               ) -> tuple[list[int], list[bool]]:
+        """Each row's token after its accepted drafts, from the target's logits there, and whether that token is
+        the draft: greedy rows take the (penalised) argmax; sampled rows keep the draft with probability
+        min(1, p/q), else sample from norm(max(0, p - q))."""
+        proc = self._penalise(seqs, logits)
+        tok = proc.argmax(dim=-1)
+        d = torch.tensor([s.drafts[depth] for s in seqs], device=logits.device)
+        acc = tok == d
+        sampled = [b for b, s in enumerate(seqs) if s.params.temperature > 0]
+        if sampled:
+            r = torch.tensor(sampled, device=logits.device)
+            p = probs_for(proc[r], [seqs[b].params for b in sampled])
+            q = torch.stack([seqs[b].draft_qs[depth] for b in sampled])
+            acc[r], tok[r] = speculative_accept(p, q, d[r], u[r, 0], u[r, 1])
+        return tok.tolist(), acc.tolist()
+
+    def _emit(self, s: _Seq, token: int, logits: torch.Tensor | None, *row: int) -> None:
+        """The pending token is now in the cache; `token` (from `logits[row]`) is the new pending one."""
+        s.n_cached += 1
+        self._append(s, token, logits, *row)
+
+    def _draft(self, seqs: list[_Seq], h: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+               real: list[int], prefill: bool) -> None:
+        """The next K drafts of each row: the MTP modules in a chain over their new pairs (`mtp_chain`), module
+        0's being (h, tokens) at `positions`, `real[b]` of them per row."""
+        slots, greedy = self._slots(seqs), self._greedy(seqs)
+        if self.graphs is not None and not prefill:
+            forward = lambda m, h, t, p: self.graphs.mtp(m, h, t, p, slots)
+        else:
+            forward = lambda m, h, t, p: self.model.mtp_hidden(m, h, t, p, self.cache.bind(slots, p), prefill)
+        for s in seqs:
+            s.draft_qs = []
+        last = torch.tensor(real, device=self.device) - 1
+        drafts = mtp_chain(self.model, self.cache, self.draft_tokens, h, tokens, positions, last, slots, prefill,
+                           forward, lambda m, logits: self._propose(seqs, logits, greedy))
+        for s, row in zip(seqs, drafts.tolist()):
+            s.drafts = row
+
+    def _speculate_recorded(self, seqs: list[_Seq]) -> None:
+        """`_decode_speculative` for greedy rows that all speculate, with no rule due: the verify forward, the
+        accept rule and the next drafts run as one recorded step, and one read-back brings all of it."""
+        K = self.draft_tokens
+        limits = [self._draft_limit(s) for s in seqs]
+        rows = self.graphs.speculate([[s.out[-1]] + s.drafts for s in seqs], [s.n_cached for s in seqs], limits)
+        for s, limit, row in zip(seqs, limits, rows):
+            top, drafts = row[: K + 1], row[K + 1:]
+            a = next((i for i in range(K) if s.drafts[i] != top[i]), K)  # leading drafts equal to the argmax
+            s.drafted += K
+            for i, t in enumerate(top[: min(a, limit) + 1]):  # depth i emits the argmax there
+                s.accepted += int(i < a)
+                self._emit(s, t, None)
+                if s.finish_reason is not None:
+                    break
+            s.drafts = drafts
+
+    def _draft_limit(self, s: _Seq) -> int:
+        """How many of s's drafts may be followed by a further token in this step: a thinking rule due after
+        d_1..d_i ends the step there."""
+        for i in range(1, len(s.drafts) + 1):
+            if self._rule(s, extra=s.drafts[:i]) is not None:
+                return i - 1
+        return len(s.drafts)
 
     # ------------------------------------------------------------------------------------------ choosing tokens
-    def _uniforms(self, seqs: list[_Seq], k: int) -> torch.Tensor:
-        """k uniforms per row from each request's own generator (zeros for greedy rows, which never use them)."""
-        return torch.stack([torch.rand(k, generator=s.gen) if s.gen is not None else torch.zeros(k) for s in seqs])
+    def _penalise(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+        return penalise_rows(logits, [s.seen for s in seqs], [s.params.repetition_penalty for s in seqs])
 
-    def _penalise(self, seqs: list[_Seq], logits: torch.Tensor, extra: list[int] | None = None) -> torch.Tensor:
-        rows = [b for b, s in enumerate(seqs) if s.seen is not None]
-        if not rows:
-            return logits
-        seen = torch.stack([seqs[b].seen for b in rows])
-        if extra is not None:
-            seen = seen.clone()
-            seen[torch.arange(len(rows), device=seen.device), torch.tensor([extra[b] for b in rows], device=seen.device)] = True
-        r = torch.tensor(rows, device=logits.device)
-        penalty = torch.tensor([seqs[b].params.repetition_penalty for b in rows], device=logits.device)
-        logits = logits.clone()
-        logits[r] = penalise_repeats(logits[r], seen, penalty)
-        return logits
-
-    def _probs(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
-        dev = logits.device
-        col = lambda name, dtype=torch.float32: torch.tensor([getattr(s.params, name) for s in seqs], dtype=dtype, device=dev)
-        if not any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in seqs):
-            return probs_from_logits(logits, col("temperature"))  # no filters (RL rollouts): no sort
-        return probs_from_logits(logits, col("temperature"), col("top_p"), col("top_k", torch.long), col("min_p"))
-
-    def _choose(self, seqs: list[_Seq], logits: torch.Tensor, u: torch.Tensor | None = None,
-                extra: list[int] | None = None, raw: bool = False, picked: list[int] | None = None) -> list[int]:
+    def _choose(self, seqs: list[_Seq], logits: torch.Tensor, u: torch.Tensor | None = None, raw: bool = False,
+                picked: list[int] | None = None) -> list[int]:
         """One token per row from its logits [B, V]: forced tokens, then greedy or sampled, then the "Wait" rule.
-        `extra` (bonus tokens only): score as if that token were already appended. `picked`: the rows' argmaxes,
-        already read back (greedy rows without a penalty), so only the rules remain to apply."""
+        `raw`: no rules (the caller checked that none is due). `picked`: the rows' argmaxes, already read back
+        (greedy rows without a penalty), so only the rules remain to apply."""
         if picked is None:
-            proc = self._penalise(seqs, logits, extra)
+            proc = self._penalise(seqs, logits)
             out = proc.argmax(dim=-1)
             sampled = [b for b, s in enumerate(seqs) if s.params.temperature > 0]
             if sampled:
                 if u is None:
-                    u = self._uniforms(seqs, 1)[:, 0].to(logits.device)
+                    u = uniforms([s.gen for s in seqs], 1)[:, 0].to(logits.device)
                 r = torch.tensor(sampled, device=logits.device)
-                out[r] = sample(self._probs([seqs[b] for b in sampled], proc[r]), u[r])
+                out[r] = sample(probs_for(proc[r], [seqs[b].params for b in sampled]), u[r])
         chosen = out.tolist() if picked is None else list(picked)
-        if raw:  # bonus tokens: the caller guarantees no rule applies
+        if raw:
             return chosen
         for b, s in enumerate(seqs):
             rule = self._rule(s)
@@ -526,19 +540,19 @@ class Engine:
                 s.forced.extend(self.wait_ids[1:])
         return chosen
 
-    def _rule(self, s: _Seq, extra: int | None = None) -> str | None:
+    def _rule(self, s: _Seq, extra: Sequence[int] = ()) -> str | None:
         """Which thinking-budget rule governs this row's next token: "force" (a queued or forced token),
-        "wait" (stopping now would end thinking too early) or None. `extra`: as if that token were appended."""
+        "wait" (stopping now would end thinking too early) or None. `extra`: as if those tokens were appended."""
         if s.forced:
             return "force"
         p = s.params
         if p.thinking_budget is None and not p.min_thinking_tokens:
             return None
         in_think, count = s.in_think, s.think_tokens
-        if extra is not None:
-            if extra == self.think_id:
+        for token in extra:
+            if token == self.think_id:
                 in_think = True
-            elif extra == self.end_think_id:
+            elif token == self.end_think_id:
                 in_think = False
             elif in_think:
                 count += 1
@@ -550,24 +564,21 @@ class Engine:
             return "wait"
         return None
 
-    def _set_drafts(self, seqs: list[_Seq], logits: torch.Tensor, picked: list[int] | None = None) -> None:
-        """The MTP module's next-token guess per row: argmax for greedy rows, a sample from q otherwise.
-        `picked`: the argmaxes, already read back (every row greedy without a penalty)."""
-        if picked is not None:
-            for s, d in zip(seqs, picked):
-                s.draft = d
-            return
-        logits = self._penalise(seqs, logits.float())
+    def _propose(self, seqs: list[_Seq], logits: torch.Tensor, greedy: bool) -> torch.Tensor:
+        """One draft per row from an MTP module's logits [B, V]: the argmax for greedy rows, a sample from q
+        otherwise (q kept for the accept rule)."""
+        if greedy:
+            return logits.argmax(dim=-1)
+        logits = self._penalise(seqs, logits)
         drafts = logits.argmax(dim=-1)
         sampled = [b for b, s in enumerate(seqs) if s.params.temperature > 0]
         if sampled:
             r = torch.tensor(sampled, device=logits.device)
-            q = self._probs([seqs[b] for b in sampled], logits[r])
-            drafts[r] = sample(q, self._uniforms([seqs[b] for b in sampled], 1)[:, 0].to(q.device))
+            q = probs_for(logits[r], [seqs[b].params for b in sampled])
+            drafts[r] = sample(q, uniforms([seqs[b].gen for b in sampled], 1)[:, 0].to(q.device))
             for i, b in enumerate(sampled):
-                seqs[b].draft_q = q[i]
-        for s, d in zip(seqs, drafts.tolist()):
-            s.draft = d
+                seqs[b].draft_qs.append(q[i])
+        return drafts
 
     # ------------------------------------------------------------------------------------------ bookkeeping
     @staticmethod

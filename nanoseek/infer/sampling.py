@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -65,6 +66,32 @@ def penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Te
     """CTRL's repetition penalty: a seen token's logit is divided by p if positive, multiplied by p if negative."""
     p = penalty[:, None].to(logits.dtype)
     return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+
+
+def uniforms(generators: Sequence[torch.Generator | None], k: int) -> torch.Tensor:
+    """k uniforms per row from each request's own generator (zeros for greedy rows, which never use them)."""
+    return torch.stack([torch.rand(k, generator=g) if g is not None else torch.zeros(k) for g in generators])
+
+
+def penalise_rows(logits: torch.Tensor, seen: Sequence[torch.Tensor | None], penalty: Sequence[float]) -> torch.Tensor:
+    """`penalise_repeats` on the rows that have a seen-token mask (the others have no penalty)."""
+    rows = [b for b, mask in enumerate(seen) if mask is not None]
+    if not rows:
+        return logits
+    r = torch.tensor(rows, device=logits.device)
+    logits = logits.clone()
+    logits[r] = penalise_repeats(logits[r], torch.stack([seen[b] for b in rows]),
+                                 torch.tensor([penalty[b] for b in rows], device=logits.device))
+    return logits
+
+
+def probs_for(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """`probs_from_logits` with each row's own temperature and filters."""
+    col = lambda name, dtype=torch.float32: torch.tensor([getattr(p, name) for p in params], dtype=dtype,
+                                                         device=logits.device)
+    if not any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+        return probs_from_logits(logits, col("temperature"))  # no filters (RL rollouts): no sort
+    return probs_from_logits(logits, col("temperature"), col("top_p"), col("top_k", torch.long), col("min_p"))
 
 
 def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor | None = None,

@@ -94,11 +94,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         sequences (full attention over themselves); `prefill=False` attends over everything cached (absorbed)."""
         return self.lm_head(self.hidden_states(input_ids, positions, cache, prefill))
 
+    def mtp_hidden(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                   cache: LatentCacheView | None = None, prefill: bool = True) -> torch.Tensor:
+        """Run MTP module k (0-based) on h^{k} [B, T, D] and the following tokens [B, T]: h^{k+1} [B, T, D]."""
+        cos, sin = self.model.rotary_emb(self._positions(next_ids, positions))
+        return self.mtp_modules[k](hidden, self.model.embed_tokens(next_ids), cos, sin, cache, prefill)
+
     def mtp_step(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
                  cache: LatentCacheView | None = None, prefill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run MTP module k (0-based) on h^{k} [B, T, D] and the following tokens [B, T]: (logits, h^{k+1})."""
-        cos, sin = self.model.rotary_emb(self._positions(next_ids, positions))
-        h = self.mtp_modules[k](hidden, self.model.embed_tokens(next_ids), cos, sin, cache, prefill)
+        """`mtp_hidden` and the shared head over it: (logits [B, T, V], h^{k+1})."""
+        h = self.mtp_hidden(k, hidden, next_ids, positions, cache, prefill)
         return self.lm_head(h), h
 
     # ------------------------------------------------------------------------------------ training loss
