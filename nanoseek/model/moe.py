@@ -135,6 +135,7 @@ class RoutedExperts(nn.Module):
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x, dtype=out.dtype).index_add_(0, token, out).to(x.dtype)
 
+    @torch.compiler.disable  # a loop driven by the host (which experts, which rows): nothing to compile
     def _few_rows(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """CPU inference with fewer (token, expert) pairs than experts, as when decoding or verifying a draft for
         one sequence: each chosen expert's weights used in place, once over all the rows that chose it. The
@@ -149,7 +150,8 @@ class RoutedExperts(nn.Module):
         for e in sorted({e for experts in chosen for e in experts}):
             rows = [n for n, experts in enumerate(chosen) if e in experts]
             # one row: a plain slice, no gather (the usual decode step)
-            pick = slice(rows[0], rows[0] + 1) if len(rows) == 1 else torch.tensor(rows, device=x.device)
+            pick = slice(rows[0], rows[0] + 1) if len(rows) == 1 else torch.tensor(rows, dtype=torch.long,
+                                                                                     device=x.device)
             gate, up = F.linear(x[pick], self.gate_up_proj[e].to(dtype)).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.down_proj[e].to(dtype))
             out[pick] += gate_weights[pick, e, None] * y
