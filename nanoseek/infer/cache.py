@@ -8,9 +8,8 @@ from positions alone (key s is visible to a query at position p iff s <= p), so 
 tokens costs nothing: the next write simply overwrites them.
 
 With two or more MTP modules the cache also keeps, per slot, one hidden state for each module after the first
-(`hidden` [slots, modules - 1, D]): drafting a chain of tokens, module m starts from module m-1's output at the
-position m before the newest, computed in the step before (see `Engine._draft`). It is per-slot state that moves
-with the slot's latents.
+(`hidden` [slots, modules - 1, D]): in a decode step module m's first pair reads module m-1's output from the
+step before (see `nanoseek.infer.drafting`). It is per-slot state that moves with the slot's latents.
 """
 
 from __future__ import annotations
