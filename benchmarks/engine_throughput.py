@@ -28,7 +28,7 @@ from nanoseek.checkpoint import save_model  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.model.transformer import DeepseekV3ForCausalLM  # noqa: E402
-from results_md import publish  # noqa: E402 (benchmarks/ is the script's directory)
+from results_md import publish, set_up  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## Inference engine (issue 4)"
 GPU_SECTION = "## Inference engine on a GPU (issue 4)"
@@ -93,10 +93,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the engine with torch.compile'd layers")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
     args = ap.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("engine_throughput: --device cuda but no CUDA GPU here; leave --device out for the CPU")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if not set_up("engine_throughput", args.device, args.threads):
+        raise SystemExit(2)
     from transformers import DeepseekV3ForCausalLM as HF
 
     dtype = getattr(torch, args.dtype)

@@ -33,7 +33,7 @@ from nanoseek.config import preset
 from nanoseek.data.tasks import Problem, builtin_corpus, get_task
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
-from results_md import publish  # noqa: E402 (benchmarks/ is the script's directory)
+from results_md import publish, set_up  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## GRPO step vs TRL (issue 5)"
 GPU_SECTION = "## GRPO step vs TRL on a GPU (issue 5)"
@@ -158,11 +158,8 @@ def run_trl(a, model_dir: Path, problems: list[Problem]) -> tuple[list[float], s
 # ============================================================================ results
 def main() -> int:
     a = parse()
-    if gpu(a) and not torch.cuda.is_available():
-        print("grpo_step: --device cuda but no CUDA GPU here; leave --device out to run on the CPU")
+    if not set_up("grpo_step", a.device, a.threads):
         return 2
-    if a.threads:
-        torch.set_num_threads(a.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as root:
         model_dir = make_model_dir(a, Path(root))

@@ -27,7 +27,7 @@ from nanoseek.checkpoint import load_model, resolve_model_dir  # noqa: E402
 from nanoseek.data.tasks import get_task  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
-from results_md import publish  # noqa: E402 (benchmarks/ is the script's directory)
+from results_md import publish, set_up  # noqa: E402 (benchmarks/ is the script's directory)
 
 SECTION = "## MTP speculation (issue 4)"
 GPU_SECTION = "## MTP speculation on a GPU (issue 4)"
@@ -90,18 +90,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed runs per mode, in turns, best kept (default 3)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
     args = ap.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("mtp_speculation: --device cuda but no CUDA GPU here; leave --device out for the CPU")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if not set_up("mtp_speculation", args.device, args.threads):
+        raise SystemExit(2)
     try:
         directory = resolve_model_dir(args.model)
     except (FileNotFoundError, NotADirectoryError) as e:
-        raise SystemExit(f"mtp_speculation: {e}")
+        print(f"mtp_speculation: {e}")
+        raise SystemExit(2)
     model = load_model(directory, dtype=getattr(torch, args.dtype), device=args.device)
     if not model.mtp_modules or not (directory / "tokenizer.json").is_file():
-        raise SystemExit(f"mtp_speculation: {directory} needs MTP modules and a tokenizer; give a model trained by "
-                         f"`nanoseek pretrain` (its run's model/ directory)")
+        print(f"mtp_speculation: {directory} needs MTP modules and a tokenizer; give a model trained by "
+              f"`nanoseek pretrain` (its run's model/ directory)")
+        raise SystemExit(2)
     tokenizer = Tokenizer.load(directory)
     prompts = task_prompts(tokenizer, args.prompts)
     modes = [0] + list(range(1, len(model.mtp_modules) + 1))  # drafts per step; 0 = plain decoding

@@ -1,4 +1,5 @@
-"""Each benchmark owns one `## ...` section of benchmarks/RESULTS.md and replaces only that section."""
+"""What the benchmarks share: each owns one `## ...` section of benchmarks/RESULTS.md and replaces only that
+section; and the device and thread set-up they all start with."""
 
 import re
 from pathlib import Path
@@ -24,3 +25,15 @@ def publish(heading: str, text: str, write: bool = True, path: Path = RESULTS) -
     if write:
         write_section(heading, text, path)
         print(f"wrote {heading!r} in {path}")
+
+
+def set_up(script: str, device: str, threads: int | None) -> bool:
+    """Check that --device exists here (else one line and False: the caller exits 2) and apply --threads."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"{script}: --device cuda but no CUDA GPU here; leave --device out to run on the CPU")
+        return False
+    if threads:
+        torch.set_num_threads(threads)
+    return True
