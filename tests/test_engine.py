@@ -462,14 +462,16 @@ def test_fused_speculative_step_keeps_the_state_the_general_step_keeps(tok, draf
         fused.add_request(tok.encode(prompt, add_bos=True), **kw)
         general.add_request(tok.encode(prompt, add_bos=True), logprobs=True, **kw)
     L = model.config.num_hidden_layers
+    # The two paths may send a different number of rows through the experts (few-rows path or grouped), whose
+    # sums round differently on some CPUs: equal to float32 rounding. A state made from a wrong pair is far off.
+    same = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     while fused.has_unfinished():
         fused.step(), general.step()
         assert [(s.out, s.drafts) for s in fused.running] == [(s.out, s.drafts) for s in general.running]
         for a, b in zip(fused.running, general.running):
             if drafts > 1:
-                assert torch.equal(fused.cache.hidden[a.slot], general.cache.hidden[b.slot])
-            assert torch.equal(fused.cache.latent[L:, a.slot, : a.n_cached],
-                               general.cache.latent[L:, b.slot, : b.n_cached])
+                same(fused.cache.hidden[a.slot], general.cache.hidden[b.slot])
+            same(fused.cache.latent[L:, a.slot, : a.n_cached], general.cache.latent[L:, b.slot, : b.n_cached])
     assert not general.has_unfinished()
 
 

@@ -12,7 +12,7 @@ from nanoseek.checkpoint import load_model, read_tensors, save_model, to_hub_sta
 from nanoseek.config import ModelConfig, depth, preset, smoke, tiny
 from nanoseek.fp8 import quantize_blockwise
 from nanoseek.infer.cache import LatentCache
-from nanoseek.model.moe import RoutedExperts, grouped_linear
+from nanoseek.model.moe import FEW_ROWS, RoutedExperts, grouped_linear
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 
 YARN = {"type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
@@ -102,6 +102,28 @@ def test_prefill_then_decode_matches_full_path_and_slots_are_independent():
         assert (rest - full[:, 12:]).abs().max() <= 1e-5
 
 
+def test_an_mtp_module_asked_for_one_output_per_row_gives_that_output_and_caches_every_pair():
+    # The last MTP module of a speculative step runs past attention only at each row's newest pair.
+    model = _randomise(DeepseekV3ForCausalLM(smoke()))
+    B, T, D = 2, 5, model.config.hidden_size
+    hidden, ids, only = torch.randn(B, T, D), torch.randint(0, model.config.vocab_size, (B, T)), torch.tensor([4, 2])
+    at = torch.arange(B)
+    with torch.no_grad():
+        for prefill in (None, True, False):  # no cache; a prompt (full attention); pairs over a cache (absorbed)
+            caches = [LatentCache(model.config, num_slots=B, max_len=16) for _ in range(2)]
+            pos = torch.arange(T).expand(B, T) + (0 if prefill is not False else 3)
+            outs = []
+            for cache, o in zip(caches, (None, only)):
+                if prefill is False:  # three earlier pairs already cached
+                    early = torch.arange(3).expand(B, 3)
+                    model.mtp_hidden(0, hidden[:, :3], ids[:, :3], early, cache.bind(at, early), prefill=True)
+                bound = None if prefill is None else cache.bind(at, pos)
+                outs.append(model.mtp_hidden(0, hidden, ids, pos, bound, prefill is not False, o))
+            assert outs[1].shape == (B, 1, D)
+            assert torch.allclose(outs[1][:, 0], outs[0][at, only], atol=1e-5), prefill
+            assert torch.equal(caches[0].latent, caches[1].latent)
+
+
 def _loop_experts(experts: RoutedExperts, x, ids, weights):
     """Reference: one expert at a time, one token at a time."""
     out = torch.zeros_like(x)
@@ -139,16 +161,17 @@ def test_grouped_gemm_experts_match_per_expert_loop_forward_and_backward(hidden)
 
 
 def test_few_rows_inference_path_equals_reference():
-    # decoding one or a few tokens: fewer (token, expert) pairs than experts takes the per-expert in-place path
+    # decoding or verifying a few tokens: each chosen expert over all the rows, weights used in place
     torch.manual_seed(0)
     experts = RoutedExperts(smoke())
     torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
     torch.nn.init.normal_(experts.down_proj, std=0.1)
     E, k = experts.gate_up_proj.shape[0], 2
-    for n in (1, E // k - 1):
+    for n in range(1, FEW_ROWS + 1):
         x, ids, weights = torch.randn(n, experts.down_proj.shape[1]), torch.randint(0, E, (n, k)), torch.rand(n, k)
         with torch.no_grad():
-            few = experts(x, ids, weights)
+            few = experts._few_rows(x, ids, weights)
+            assert torch.equal(experts(x, ids, weights), few)  # the path inference takes
         assert torch.allclose(few, _loop_experts(experts, x, ids, weights), atol=1e-5)
 
 

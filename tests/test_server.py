@@ -322,6 +322,17 @@ def test_serve_command_bad_model(capsys, tmp_path):
     assert "does not exist" in err and len(err.splitlines()) == 1
 
 
+def test_serve_draft_tokens_reach_the_engine_and_a_bad_count_is_one_line(served, capsys):
+    from nanoseek.cli import main
+
+    modules = served["app"].state.server.engine.model.config.num_nextn_predict_layers
+    app = create_app(served["model_dir"], max_batch=1, draft_tokens=modules)
+    assert app.state.server.engine.draft_tokens == modules
+    assert main(["serve", str(served["model_dir"]), "--draft-tokens", str(modules + 1)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "draft_tokens" in err and len(err.splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------------- the chat page
 class Chromium:
     """Just enough of the Chrome DevTools protocol, spoken over --remote-debugging-pipe (fds 3 and 4): no driver,

@@ -232,6 +232,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the directory's name)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="weights dtype (default: as stored)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="for requests with \"speculative\": true, tokens drafted per step by the MTP modules in a "
+                        "chain (default: as many as the checkpoint has modules)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -248,7 +251,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                      max_tokens_limit=args.max_tokens_limit, price_input=args.price_input,
                      price_output=args.price_output, model_name=args.model_name, device=device,
-                     dtype=getattr(torch, args.dtype) if args.dtype else None)
+                     dtype=getattr(torch, args.dtype) if args.dtype else None, draft_tokens=args.draft_tokens)
     name = app.state.server.model_name
     print(f"serving {name!r} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

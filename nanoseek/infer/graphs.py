@@ -72,10 +72,11 @@ class DecodeGraphs:
         return self._run("verify", tokens, positions, list(range(len(tokens))))
 
     def mtp(self, module: int, hidden: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-            slots: torch.Tensor) -> torch.Tensor:
-        """MTP module `module` over (hidden state, next token) pairs [B, T], rows in any `slots` -> its output."""
+            slots: torch.Tensor, only: torch.Tensor | None) -> torch.Tensor:
+        """MTP module `module` over (hidden state, next token) pairs [B, T], rows in any `slots` -> its output
+        (the last module: only each row's at index only[b], see `mtp_chain`)."""
         self.hidden[: len(tokens), : tokens.shape[1]].copy_(hidden)
-        return self._run(f"mtp{module}", tokens, positions, slots)[0]
+        return self._run(f"mtp{module}", tokens, positions, slots, only)[0]
 
     def speculate(self, tokens: list[list[int]], starts: list[int], limits: list[int]) -> list[list[int]]:
         """A whole greedy speculative step for rows in slots 0..B-1: verify [pending token, d_1..d_K] at
@@ -87,9 +88,9 @@ class DecodeGraphs:
         return self._run("speculate", tokens, positions, list(range(len(tokens))), flags)[0].tolist()
 
     # ------------------------------------------------------------------------------------------ recording
-    def _run(self, kind: str, tokens, positions, slots, flags: list[list[int]] | None = None
-             ) -> tuple[torch.Tensor, ...]:
-        """Stage the inputs (host lists: one copy; device tensors, as the MTP chain passes: a few) and replay."""
+    def _run(self, kind: str, tokens, positions, slots, flags=None) -> tuple[torch.Tensor, ...]:
+        """Stage the inputs (host lists: one copy; device tensors, as the MTP chain passes: a few) and replay.
+        `flags`: one more number per row (speculate: its limit; the last MTP module: the index of its output)."""
         B, T = len(tokens), len(tokens[0])
         padded = self.bucket(B)
         ids = self.ids[:, :padded, :T]
@@ -98,7 +99,8 @@ class DecodeGraphs:
             slots = torch.as_tensor(slots, device=ids.device)
             ids[:, B:] = 0
             ids[2, B:] = self.scratch
-            ids[0, :B], ids[1, :B], ids[2, :B], ids[3, :B] = tokens, positions, slots[:, None], 0
+            ids[0, :B], ids[1, :B], ids[2, :B] = tokens, positions, slots[:, None]
+            ids[3, :B] = 0 if flags is None else flags[:, None]
         else:
             span = self.span(max(max(p) for p in positions) + 1)
             pad = padded - B
@@ -125,8 +127,9 @@ class DecodeGraphs:
             return (self._speculate(tokens, positions, slots, self.ids[3, :padded, 0], span),)
         if kind.startswith("mtp"):  # rows in any slots: the cache gathers them
             cache = self.cache.bind_fixed(slots, positions, span, view=False)
-            return (self.model.mtp_hidden(int(kind[3:]), self.hidden[:padded, :T], tokens, positions, cache,
-                                          prefill=False),)
+            m = int(kind[3:])
+            only = self.ids[3, :padded, 0] if m + 1 == self.num_drafts else None
+            return (self.model.mtp_hidden(m, self.hidden[:padded, :T], tokens, positions, cache, False, only),)
         h = self.model.hidden_states(tokens, positions, self.cache.bind_fixed(slots, positions, span), prefill=False)
         if kind == "decode":
             logits = self.model.lm_head(h[:, 0]).float()
@@ -145,7 +148,8 @@ class DecodeGraphs:
         # module 0's new pairs: (h_i, the token emitted after it) for each emitted token, the last repeated
         idx = torch.minimum(torch.arange(K + 1, device=h.device)[None], (emitted - 1)[:, None])
         pairs = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])), top.gather(1, idx), positions.gather(1, idx)
-        forward = lambda m, x, t, p: model.mtp_hidden(m, x, t, p, self.cache.bind_fixed(slots, p, span), False)
+        forward = lambda m, x, t, p, only: model.mtp_hidden(m, x, t, p, self.cache.bind_fixed(slots, p, span), False,
+                                                            only)
         drafts = mtp_chain(model, self.cache, K, *pairs, emitted - 1, slots, False, forward,
                            lambda m, logits: logits.argmax(dim=-1))
         return torch.cat((top, drafts), dim=1)

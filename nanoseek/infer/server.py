@@ -479,8 +479,9 @@ def create_app(engine_or_model_path: Engine | str | Path, *, api_key: str | None
                max_queue: int = 64, max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None,
                max_tokens_limit: int | None = None, price_input: float = PRICE_INPUT,
                price_output: float = PRICE_OUTPUT, model_name: str | None = None, device: str | None = None,
-               dtype: torch.dtype | None = None) -> FastAPI:
-    """The FastAPI app. Give an `Engine` (tests) or a model/run directory (loaded here with `max_batch` slots)."""
+               dtype: torch.dtype | None = None, draft_tokens: int | None = None) -> FastAPI:
+    """The FastAPI app. Give an `Engine` (tests) or a model/run directory (loaded here with `max_batch` slots and
+    `draft_tokens` drafts per speculative step, for requests that ask for `speculative`)."""
     from contextlib import asynccontextmanager
 
     from nanoseek.checkpoint import resolve_model_dir
@@ -491,7 +492,7 @@ def create_app(engine_or_model_path: Engine | str | Path, *, api_key: str | None
         model_name = model_name or "nanoseek"
     else:
         directory = resolve_model_dir(engine_or_model_path)
-        engine = Engine(directory, dtype=dtype, device=device, max_batch=max_batch)
+        engine = Engine(directory, dtype=dtype, device=device, max_batch=max_batch, draft_tokens=draft_tokens)
         model_name = model_name or _model_name(directory.resolve())
         gen = directory / "generation_config.json"
         if gen.is_file():  # the model's recommended sampling, as vLLM applies it

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.mla import LatentCacheView, MultiHeadLatentAttention
+from nanoseek.model.mla import LatentCacheView, MultiHeadLatentAttention, pick
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
 
@@ -20,6 +20,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCacheView | None = None, prefill: bool = True) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, prefill)
+                cache: LatentCacheView | None = None, prefill: bool = True, only: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D], or with `only` [B] just each row's output at index only[b]: [B, 1, D]."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache, prefill, only)
+        x = h + (x if only is None else pick(x, only))
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -36,6 +36,11 @@ class LatentCacheView(Protocol):
         ...
 
 
+def pick(x: torch.Tensor, only: torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] -> x[b, only[b]] for every row b, as [B, 1, ...]."""
+    return x[torch.arange(x.shape[0], device=x.device), only][:, None]
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -74,16 +79,21 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCacheView | None = None, full: bool = True) -> torch.Tensor:
-        q_nope, q_pe = self.queries(x, cos, sin)
+                cache: LatentCacheView | None = None, full: bool = True, only: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. `only` [B]: just the output at index only[b] of each row is wanted, [B, 1, D]
+        (every token's latent is still cached)."""
         c_kv, k_pe = self.latents(x, cos, sin)
-        if cache is None:
-            return self.o_proj(self._full(q_nope, q_pe, c_kv, k_pe))
-        if full:  # a fresh prompt: its own tokens are the whole context, so the fast expanded path applies
+        if cache is not None and not full:
+            if only is not None:  # over a cache, the other queries need not be computed at all
+                x, cos, sin = pick(x, only), pick(cos, only), pick(sin, only)
+            latent, mask = cache.update(self.layer_idx, c_kv, k_pe)
+            return self.o_proj(self._absorbed(*self.queries(x, cos, sin), latent, mask if only is None
+                                              else pick(mask, only)))
+        if cache is not None:  # a fresh prompt: its own tokens are the whole context, so the fast expanded path
             cache.update(self.layer_idx, c_kv, k_pe, read=False)
-            return self.o_proj(self._full(q_nope, q_pe, c_kv, k_pe))
-        latent, mask = cache.update(self.layer_idx, c_kv, k_pe)
-        return self.o_proj(self._absorbed(q_nope, q_pe, latent, mask))
+        out = self.o_proj(self._full(*self.queries(x, cos, sin), c_kv, k_pe))
+        return out if only is None else pick(out, only)
 
     def _full(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
@@ -114,13 +124,12 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, C)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk.to(q_nope.dtype))
-        # logit = [q_nope W_UK | q_pe] . [c_kv | k_pe]. Since every head reads the same keys, the T x H queries
-        # are rows of one single-head attention (one fused kernel); the value is the latent too, and the output's
-        # k_pe columns are dropped. The mask is per query position, repeated for each head.
-        q = torch.cat((q_latent, q_pe.to(q_latent.dtype)), dim=-1).reshape(B, 1, T * H, C + self.rope)
-        kv = latent[:, None].to(q.dtype)
-        # (one query position: the mask broadcasts over the heads as it is, no copy)
-        visible = mask[:, None] if T == 1 else mask[:, :, None].expand(B, T, H, S).reshape(B, 1, T * H, S)
-        o_latent = F.scaled_dot_product_attention(q, kv, kv, attn_mask=visible, scale=self.scale)[..., :C]
-        out = torch.einsum("bthc,hvc->bthv", o_latent.reshape(B, T, H, C).to(w_uv.dtype), w_uv)
+        # logit = [q_nope W_UK | q_pe] . [c_kv | k_pe]. Since every head reads the same keys, the H heads of one
+        # query position are rows of one single-head attention: SDPA's "heads" are the T positions, each over the
+        # same keys (a view, no copy) with its own mask row, broadcast over its H rows. The value is the latent
+        # too, and the output's k_pe columns are dropped.
+        q = torch.cat((q_latent, q_pe.to(q_latent.dtype)), dim=-1)  # [B, T, H, C + R]
+        kv = latent[:, None].to(q.dtype).expand(B, T, S, C + self.rope)
+        o_latent = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask[:, :, None], scale=self.scale)[..., :C]
+        out = torch.einsum("bthc,hvc->bthv", o_latent.to(w_uv.dtype), w_uv)
         return out.reshape(B, T, H * self.v_dim).to(q_nope.dtype)

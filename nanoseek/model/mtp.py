@@ -36,7 +36,9 @@ class MTPModule(DecoderLayer):
         self.shared_head = SharedHead(config)
 
     def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCacheView | None = None, prefill: bool = True) -> torch.Tensor:
-        """hidden h^{k-1} [B, T, D] and Emb(t_{i+k}) [B, T, D] -> this module's normed hidden h^k [B, T, D]."""
+                cache: LatentCacheView | None = None, prefill: bool = True, only: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """hidden h^{k-1} [B, T, D] and Emb(t_{i+k}) [B, T, D] -> this module's normed hidden h^k [B, T, D] (with
+        `only`, [B, 1, D]: see DecoderLayer)."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        return self.shared_head.norm(super().forward(x, cos, sin, cache, prefill))
+        return self.shared_head.norm(super().forward(x, cos, sin, cache, prefill, only))

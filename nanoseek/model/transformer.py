@@ -95,10 +95,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, positions, cache, prefill))
 
     def mtp_hidden(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                   cache: LatentCacheView | None = None, prefill: bool = True) -> torch.Tensor:
-        """Run MTP module k (0-based) on h^{k} [B, T, D] and the following tokens [B, T]: h^{k+1} [B, T, D]."""
+                   cache: LatentCacheView | None = None, prefill: bool = True, only: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Run MTP module k (0-based) on h^{k} [B, T, D] and the following tokens [B, T]: h^{k+1} [B, T, D]. With
+        `only` [B], just each row's output at index only[b], [B, 1, D]; the cache still gets every pair."""
         cos, sin = self.model.rotary_emb(self._positions(next_ids, positions))
-        return self.mtp_modules[k](hidden, self.model.embed_tokens(next_ids), cos, sin, cache, prefill)
+        return self.mtp_modules[k](hidden, self.model.embed_tokens(next_ids), cos, sin, cache, prefill, only)
 
     def mtp_step(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
                  cache: LatentCacheView | None = None, prefill: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
