@@ -1,6 +1,7 @@
 """MTP speculative decoding on a trained checkpoint: plain greedy decoding vs drafting 1..K tokens per step.
 
     python benchmarks/mtp_speculation.py --model runs/base/model
+    python benchmarks/mtp_speculation.py --model runs/mtp2/model runs/drafts/model   # before / after draft-tune
     python benchmarks/mtp_speculation.py --model runs/mtp2/model --device cuda --dtype bfloat16
 
 Batch 1, greedy, held-out task prompts (arithmetic and countdown, the "eval" split, as a trained model of this
@@ -79,30 +80,24 @@ def breakdown(engine: Engine, prompts: list[list[int]], max_tokens: int, specula
     return main, mtp, seconds / steps * 1e3 - main - mtp
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="a trained model directory with MTP weights and a tokenizer")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--prompts", type=int, default=8, help="held-out prompts, decoded one at a time (default 8)")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3, help="timed runs per mode, in turns, best kept (default 3)")
-    ap.add_argument("--no-write", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
-    args = ap.parse_args()
-    if not set_up("mtp_speculation", args.device, args.threads):
-        raise SystemExit(2)
+def load(name: str, dtype: str, device: str):
+    """-> (directory, model, tokenizer), or one line and exit 2 when `name` is not a model with MTP modules."""
     try:
-        directory = resolve_model_dir(args.model)
+        directory = resolve_model_dir(name)
     except (FileNotFoundError, NotADirectoryError) as e:
         print(f"mtp_speculation: {e}")
         raise SystemExit(2)
-    model = load_model(directory, dtype=getattr(torch, args.dtype), device=args.device)
+    model = load_model(directory, dtype=getattr(torch, dtype), device=device)
     if not model.mtp_modules or not (directory / "tokenizer.json").is_file():
         print(f"mtp_speculation: {directory} needs MTP modules and a tokenizer; give a model trained by "
               f"`nanoseek pretrain` (its run's model/ directory)")
         raise SystemExit(2)
-    tokenizer = Tokenizer.load(directory)
+    return directory, model, Tokenizer.load(directory)
+
+
+def measure(name: str, args: argparse.Namespace) -> tuple[list[str], float]:
+    """One model's tables (markdown lines) and its best speed-up."""
+    directory, model, tokenizer = load(name, args.dtype, args.device)
     prompts = task_prompts(tokenizer, args.prompts)
     modes = [0] + list(range(1, len(model.mtp_modules) + 1))  # drafts per step; 0 = plain decoding
     engines = {k: Engine(model, tokenizer=tokenizer, max_batch=1, draft_tokens=max(k, 1)) for k in modes}
@@ -115,8 +110,8 @@ def main() -> None:
             if k not in best or tokens / seconds > best[k][1] / best[k][0]:
                 best[k] = (seconds, tokens, outs)
 
-    gpu = args.device.startswith("cuda")
-    parts = {} if gpu else {k: breakdown(engines[k], prompts, args.max_tokens, k > 0) for k in modes}
+    parts = {} if args.device.startswith("cuda") else {k: breakdown(engines[k], prompts, args.max_tokens, k > 0)
+                                                        for k in modes}
     plain_s, plain_tokens, plain_outs = best[0]
     plain_tps, plain_step = plain_tokens / plain_s, plain_s / plain_tokens * 1e3
     rows = []
@@ -126,30 +121,20 @@ def main() -> None:
         steps = drafted // k + len(outs)  # verify steps + each prompt's first token (from the prefill)
         same = all(o.token_ids == p.token_ids for o, p in zip(outs, plain_outs))
         rows.append((k, accepted / drafted, tokens / steps, seconds / steps * 1e3, tokens / seconds, same))
-        print(f"{k} draft(s)/step: acceptance {accepted / drafted:.1%}, {tokens / steps:.2f} tokens/step, "
+        print(f"{name}, {k} draft(s)/step: acceptance {accepted / drafted:.1%}, {tokens / steps:.2f} tokens/step, "
               f"{seconds / steps * 1e3:.2f} ms/step, {tokens / seconds:.1f} tok/s vs plain {plain_tps:.1f} "
               f"(x{tokens / seconds / plain_tps:.2f}), identical: {same}", flush=True)
 
-    device = torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine())
     cfg = model.config
     lines = [
-        GPU_SECTION if gpu else SECTION, "",
-        f"`python benchmarks/mtp_speculation.py {' '.join(sys.argv[1:])}`",
-        "",
-        f"Machine: {device}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, {args.dtype}. "
-        f"Model: `{args.model}` ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{cfg.num_hidden_layers} layers, {len(model.mtp_modules)} MTP module(s)). Batch 1, greedy, {len(prompts)} "
-        f"held-out task prompts (arithmetic and countdown in turn) decoded one at a time, up to {args.max_tokens} "
-        f"new tokens each ({plain_tokens} in all); the modes take turns {args.reps} times, best run kept.",
+        f"Model: `{name}` ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{cfg.num_hidden_layers} layers, {len(model.mtp_modules)} MTP module(s)); {plain_tokens} new tokens in all.",
         "",
         "| drafts per step | acceptance | tokens per step | ms per step | tok/s | speed-up | identical output |",
         "|---|---|---|---|---|---|---|",
         f"| none (plain) | | 1.00 | {plain_step:.2f} | {plain_tps:.1f} | 1.00x | |",
         *[f"| {k} | {a:.1%} | {t:.2f} | {ms:.2f} ({ms / plain_step:.2f}x plain) | {tps:.1f} | "
           f"**{tps / plain_tps:.2f}x** | {same} |" for k, a, t, ms, tps, same in rows],
-        "",
-        "Speed-up = tokens per step / (ms per step / plain ms per step). Acceptance = accepted drafts / drafted "
-        "(a chain stops at its first rejected draft, so the drafts after it count as drafted, not accepted).",
         "",
     ]
     if parts:
@@ -162,8 +147,48 @@ def main() -> None:
               for k, (m, d, r) in parts.items()],
             "",
         ]
-    best_speedup = max(tps / plain_tps for *_, tps, _ in rows)
-    lines += [f"Target >= 1.5x: **{'met' if best_speedup >= 1.5 else 'not met'}** (best {best_speedup:.2f}x).", ""]
+    return lines, max(tps / plain_tps for *_, tps, _ in rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, nargs="+",
+                    help="trained model directories with MTP weights and a tokenizer (several: e.g. before and "
+                         "after `nanoseek draft-tune`, measured one after the other)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--prompts", type=int, default=8, help="held-out prompts, decoded one at a time (default 8)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per mode, in turns, best kept (default 3)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    if not set_up("mtp_speculation", args.device, args.threads):
+        raise SystemExit(2)
+    for name in args.model:  # every model loads before the first is timed: a bad name costs nothing
+        load(name, args.dtype, args.device)
+    gpu = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine())
+    lines = [
+        GPU_SECTION if gpu else SECTION, "",
+        f"`python benchmarks/mtp_speculation.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Machine: {device}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, {args.dtype}. "
+        f"Batch 1, greedy, {args.prompts} held-out task prompts (arithmetic and countdown in turn) decoded one at a "
+        f"time, up to {args.max_tokens} new tokens each; the modes take turns {args.reps} times, best run kept.",
+        "",
+    ]
+    best = 0.0
+    for name in args.model:
+        tables, speedup = measure(name, args)
+        lines += tables
+        best = max(best, speedup)
+    lines += [
+        "Speed-up = tokens per step / (ms per step / plain ms per step). Acceptance = accepted drafts / drafted "
+        "(a chain stops at its first rejected draft, so the drafts after it count as drafted, not accepted).",
+        "",
+        f"Target >= 1.5x: **{'met' if best >= 1.5 else 'not met'}** (best {best:.2f}x).", "",
+    ]
     publish(GPU_SECTION if gpu else SECTION, "\n".join(lines), write=not args.no_write)
 
 

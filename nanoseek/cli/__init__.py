@@ -1,6 +1,6 @@
 """The `nanoseek` command. Each subcommand is one `_cmd_*` function plus its `_add_*` argument block, in one of:
 
-    train.py   pretrain, sft, grpo, distill, speedrun
+    train.py   pretrain, sft, grpo, distill, draft-tune, speedrun
     use.py     generate, chat, eval, serve
     tools.py   demo, cost, tokenizer, report, convert
     common.py  the flags several of them share
@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser", "UsageError"]
 
 _COMMANDS = [train._add_speedrun, tools._add_demo, tools._add_cost, tools._add_tokenizer, train._add_pretrain,
              use._add_generate, use._add_chat, tools._add_report, tools._add_convert, train._add_sft, train._add_grpo,
-             train._add_distill, use._add_eval, use._add_serve]
+             train._add_distill, train._add_draft_tune, use._add_eval, use._add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""The training subcommands: pretrain, sft, grpo, distill, and the speedrun that chains them."""
+"""The training subcommands: pretrain, sft, grpo, distill, draft-tune, and the speedrun that chains them."""
 
 from __future__ import annotations
 
@@ -172,6 +172,51 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     distill(teacher, args.run, args.task, student, train_cfg, samples=args.samples, num_prompts=args.num_prompts,
             difficulty=args.difficulty, temperature=args.temperature, max_tokens=args.max_tokens,
             per_prompt=args.per_prompt, epochs=args.epochs, seed=args.seed or 0, price_per_hour=args.price)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- draft-tune
+def _add_draft_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("draft-tune", help="train the MTP modules on the model's own answers: more drafts accepted",
+                       description="Raise MTP speculation's acceptance rate: the model answers prompts like the ones "
+                                   "it will serve (greedy), and only its MTP modules are trained to predict those "
+                                   "answers; the main model is frozen, so its output does not change. Reports the "
+                                   "acceptance on held-out prompts before and after (RUN/acceptance.json); the tuned "
+                                   "model is RUN/model.")
+    p.add_argument("--init", required=True, metavar="MODEL", help="the model to tune (model or run directory)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default="arithmetic,countdown",
+                     help="tasks whose train prompts to answer, in turn; held-out prompts from their eval split "
+                          "(default arithmetic,countdown)")
+    src.add_argument("--prompts", metavar="FILE", help="prompts to answer instead: .txt (one per line) or .jsonl "
+                                                       "(\"prompt\" or \"messages\"); the last tenth (at most "
+                                                       "--eval-prompts) is held out")
+    p.add_argument("--chat", action="store_true", help="with --prompts: wrap text prompts in the chat template")
+    p.add_argument("--num-prompts", type=int, default=1024, help="task prompts to answer (default 1024)")
+    p.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts for the acceptance (default 32)")
+    p.add_argument("--max-tokens", type=int, default=256, help="answer length cap (default 256)")
+    p.add_argument("--epochs", type=float, default=3.0,
+                   help="passes over the answers when no --steps/--tokens/--minutes is given (default 3)")
+    p.add_argument("--max-batch", type=int, default=32, help="prompts the engine answers together (default 32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_training_flags(p)
+    p.set_defaults(func=_cmd_draft_tune)
+
+
+def _cmd_draft_tune(args: argparse.Namespace) -> int:
+    from nanoseek.cli.use import read_prompts
+    from nanoseek.train.draft_tune import TRAIN_DEFAULTS, draft_tune
+
+    if args.num_prompts < 1 or args.eval_prompts < 1 or args.max_tokens < 1 or args.max_batch < 1:
+        raise UsageError("--num-prompts, --eval-prompts, --max-tokens and --max-batch must be >= 1")
+    train_cfg = stage_train_config(args, TRAIN_DEFAULTS, epochs_decide=True)
+    prompts = None
+    if args.prompts:
+        prompts = [(prompt, chat or args.chat) for prompt, chat, _ in read_prompts(args.prompts)]
+    tasks = None if prompts else [t.strip() for t in args.task.split(",") if t.strip()]
+    draft_tune(args.init, args.run, train_cfg, tasks=tasks, prompts=prompts, num_prompts=args.num_prompts,
+               eval_prompts=args.eval_prompts, max_tokens=args.max_tokens, epochs=args.epochs,
+               max_batch=args.max_batch, resume=args.resume, device=args.device, price_per_hour=args.price)
     return 0
 
 

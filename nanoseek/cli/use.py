@@ -21,7 +21,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def _read_prompts(path: str) -> list[tuple[object, bool, dict]]:
+def read_prompts(path: str) -> list[tuple[object, bool, dict]]:
     """(prompt, is_chat, the input record) per prompt; JSONL records keep their other fields in the output."""
     import json
     from pathlib import Path
@@ -52,7 +52,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from nanoseek.checkpoint import atomic_write_text
 
-    rows = _read_prompts(args.prompts)
+    rows = read_prompts(args.prompts)
     if not rows:
         raise UsageError(f"prompts file {args.prompts} holds no prompts")
     engine = engine_from_args(args, args.max_batch)

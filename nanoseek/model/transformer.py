@@ -113,24 +113,18 @@ class DeepseekV3ForCausalLM(nn.Module):
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Next-token cross-entropy + (lambda / D) * sum of MTP losses + MoE auxiliary losses.
 
-        targets [B, T] are the inputs shifted by one (IGNORE_INDEX where no loss is wanted). MTP module k sees
-        h^{k-1} at positions 0..T-k-1 with the embeddings of input tokens k..T-1 and predicts targets k..T-1, so
-        each depth has one fewer position, and the causal chain of the paper is kept.
+        targets [B, T] are the inputs shifted by one (IGNORE_INDEX where no loss is wanted); module k (0-based)
+        predicts targets k+1.. (see `mtp_logits`).
         """
         lam = self.config.mtp_loss_weight if mtp_weight is None else mtp_weight
         h = self.hidden_states(input_ids)
         main = F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         metrics = {"main_loss": main.detach()}
         total = main
-        D, T = len(self.mtp_modules), input_ids.shape[1]
-        if D and lam > 0:
-            mtp_losses = []
-            for k in range(D):
-                if T - k - 1 <= 0:
-                    break
-                logits, h = self.mtp_step(k, h[:, : T - k - 1], input_ids[:, k + 1 :])
-                mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k + 1 :].flatten(),
-                                                  ignore_index=IGNORE_INDEX))
+        if self.mtp_modules and lam > 0:
+            mtp_losses = [F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k + 1 :].flatten(),
+                                          ignore_index=IGNORE_INDEX)
+                          for k, logits in enumerate(self.mtp_logits(h, input_ids))]
             if mtp_losses:
                 mtp = torch.stack(mtp_losses).mean()
                 metrics["mtp_loss"] = mtp.detach()
@@ -141,6 +135,16 @@ class DeepseekV3ForCausalLM(nn.Module):
             metrics["aux_loss"] = aux_total.detach()
             total = total + aux_total
         return total, metrics
+
+    def mtp_logits(self, h: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """The MTP chain over a training sequence, from the main model's hidden states h [B, T, D]: module k sees
+        h^{k-1} at positions 0..T-k-2 with the embeddings of input tokens k+1..T-1, so its logits [B, T-k-1, V]
+        are for targets k+1..T-1. Each depth has one fewer position, and the paper's causal chain is kept."""
+        out, T = [], input_ids.shape[1]
+        for k in range(min(len(self.mtp_modules), T - 1)):
+            logits, h = self.mtp_step(k, h[:, : T - k - 1], input_ids[:, k + 1 :])
+            out.append(logits)
+        return out
 
     @torch.no_grad()
     def update_expert_bias(self) -> list[dict[str, float]]:
