@@ -9,8 +9,8 @@ import torch
 from nanoseek.checkpoint import load_model
 from nanoseek.cli import main
 from nanoseek.infer.engine import Output
-from nanoseek.train.draft_tune import draft_loss, examples, freeze_all_but_mtp
-from nanoseek.train.sft import inputs_targets, pack_rows
+from nanoseek.train.draft_tune import draft_loss, examples, freeze_all_but_mtp, one_per_row
+from nanoseek.train.sft import inputs_targets
 
 FAST = ["--num-prompts", "16", "--eval-prompts", "4", "--max-tokens", "24", "--batch-size", "4", "--seq-len", "128"]
 
@@ -20,15 +20,37 @@ def test_the_loss_is_on_the_answers_and_reaches_only_the_mtp_modules(smoke_model
     out = Output("0", [1, 5, 6], [7, 8, 9, 2], "", "", "", "stop")
     ids, mask = examples([out])[0]
     assert ids == [1, 5, 6, 7, 8, 9, 2] and mask == [0, 0, 0, 1, 1, 1, 1]
-    rows, masks, _ = pack_rows([(ids, mask)] * 2, 16, 0)
+    short = ([1, 5, 7, 2], [0, 0, 1, 1])
+    rows, masks, cut = one_per_row([(ids, mask), short, (ids, mask)], 16, 0)  # each answer alone after its prompt
+    assert rows.shape == (3, 7) and rows[1].tolist() == [1, 5, 7, 2, 0, 0, 0] and cut == 0
+    assert one_per_row([(ids, mask)], 4, 0)[2] == 1  # longer than seq_len + 1: cut, and counted
     inputs, targets = inputs_targets(rows, masks)
-    assert targets[0, :2].tolist() == [-100, -100] and targets[0, 2:6].tolist() == [7, 8, 9, 2]
+    assert targets[0].tolist() == [-100, -100, 7, 8, 9, 2] and targets[1].tolist() == [-100, 7, 2, -100, -100, -100]
     assert freeze_all_but_mtp(model) == sum(p.numel() for m in model.mtp_modules for p in m.parameters())
     loss, metrics, _ = draft_loss(model.train(), (inputs, targets))
     loss.backward()
     mtp = {id(p) for m in model.mtp_modules for p in m.parameters()}
     assert all((p.grad is not None) == (id(p) in mtp) for p in model.parameters())
-    assert 0.0 <= float(metrics["draft_1_top1"]) <= 1.0 and metrics["trained_tokens"] == 2 * 4
+    assert 0.0 <= float(metrics["draft_1_top1"]) <= 1.0 and metrics["trained_tokens"] == 2 * 4 + 2
+
+
+def test_soft_targets_are_the_main_models_distribution_at_the_drafted_position(smoke_model):
+    """Module k at position i drafts token i+k+2, which the main model predicts at position i+k+1: a chain whose
+    logits are exactly the main model's there scores the main model's entropy (the minimum); shifted by one
+    position, it scores more."""
+    model = load_model(smoke_model / "model").eval()
+    inputs = torch.randint(0, model.config.vocab_size, (2, 12))
+    targets = torch.roll(inputs, -1, dims=1)
+    targets[:, :3] = -100
+    with torch.no_grad():
+        main = model(inputs).float()
+    D, seen = len(model.mtp_modules), targets != -100
+    entropy = [-(main.softmax(-1) * main.log_softmax(-1)).sum(-1)[:, k + 1:][seen[:, k + 1:]].mean() for k in range(D)]
+    for shift, lowest in ((0, True), (1, False)):
+        model.mtp_logits = lambda h, ids: [main.roll(-shift, dims=1)[:, k + 1:] for k in range(D)]
+        loss, _, _ = draft_loss(model, (inputs, targets), soft=True)
+        assert torch.isclose(loss, torch.stack(entropy).mean(), atol=1e-5) == lowest
+        assert lowest or loss > torch.stack(entropy).mean()
 
 
 def test_draft_tune_end_to_end_keeps_the_model_and_raises_acceptance(smoke_model, tmp_path):
@@ -58,9 +80,10 @@ def test_draft_tune_on_a_prompts_file_holds_out_its_last_tenth(smoke_model, tmp_
     prompts.write_text("".join(f"Compute {i} + {i}.\n" for i in range(20)))
     run = tmp_path / "drafts"
     assert main(["draft-tune", "--init", str(smoke_model), "--run", str(run), "--prompts", str(prompts), "--chat",
-                 "--steps", "1", *FAST]) == 0
+                 "--soft-targets", "--steps", "1", *FAST]) == 0
     result = json.loads((run / "acceptance.json").read_text())
-    assert result["held_out_prompts"] == 2 and result["answers_trained"] == 18
+    assert result["held_out_prompts"] == 2 and result["answers_trained"] == 18 and result["same_output"]
+    assert json.loads((run / "config.json").read_text())["soft"] is True
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -198,6 +198,9 @@ def _add_draft_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=float, default=3.0,
                    help="passes over the answers when no --steps/--tokens/--minutes is given (default 3)")
     p.add_argument("--max-batch", type=int, default=32, help="prompts the engine answers together (default 32)")
+    p.add_argument("--soft-targets", action="store_true",
+                   help="learn the model's whole next-token distribution, not just its greedy token (for sampled "
+                        "decoding; for greedy decoding the tokens did slightly better)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     add_training_flags(p)
     p.set_defaults(func=_cmd_draft_tune)
@@ -216,7 +219,8 @@ def _cmd_draft_tune(args: argparse.Namespace) -> int:
     tasks = None if prompts else [t.strip() for t in args.task.split(",") if t.strip()]
     draft_tune(args.init, args.run, train_cfg, tasks=tasks, prompts=prompts, num_prompts=args.num_prompts,
                eval_prompts=args.eval_prompts, max_tokens=args.max_tokens, epochs=args.epochs,
-               max_batch=args.max_batch, resume=args.resume, device=args.device, price_per_hour=args.price)
+               max_batch=args.max_batch, soft=args.soft_targets, resume=args.resume, device=args.device,
+               price_per_hour=args.price)
     return 0
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from nanoseek.model.transformer import IGNORE_INDEX, DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import Trainer, TrainConfig, peak_precision
 from nanoseek.train.run import prepare_run
-from nanoseek.train.sft import RowBatches, inputs_targets, pack_rows
+from nanoseek.train.sft import RowBatches, inputs_targets
 
 # Only the MTP modules learn, from a narrow set of answers: a fine-tuning rate, and the routing bias as it was.
 TRAIN_DEFAULTS = {"lr": 3e-4, "warmup_steps": 10, "schedule": "cosine", "batch_size": 16, "seq_len": 512,
@@ -75,6 +76,20 @@ def examples(outs: list) -> list[tuple[list[int], list[int]]]:
     return [(o.prompt_token_ids + o.token_ids, [0] * len(o.prompt_token_ids) + [1] * len(o.token_ids)) for o in outs]
 
 
+def one_per_row(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Examples as rows right-padded to the longest (at most seq_len + 1 tokens): (ids, mask, number cut to fit).
+    Not packed as SFT packs: an answer is the model's choice only in the context it was made in, its prompt alone,
+    and the model attends across packed documents (packed rows, its own top-1 on its answers fell to 80%)."""
+    width = min(seq_len + 1, max(len(ids) for ids, _ in examples))
+    ids_t = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask_t = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, (ids, mask) in enumerate(examples):
+        ids_t[r, :min(len(ids), width)] = torch.tensor(ids[:width])
+        mask_t[r, :min(len(mask), width)] = torch.tensor(mask[:width])
+    return ids_t, mask_t, sum(len(ids) > width for ids, _ in examples)
+
+
 def freeze_all_but_mtp(model: DeepseekV3ForCausalLM) -> int:
     """Leave only the MTP modules trainable (the shared embedding and head stay frozen); returns their size."""
     model.requires_grad_(False)
@@ -83,17 +98,26 @@ def freeze_all_but_mtp(model: DeepseekV3ForCausalLM) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def draft_loss(model: DeepseekV3ForCausalLM, batch, mtp_weight: float | None = None):
-    """Mean cross-entropy of the MTP chain on the answer tokens, plus each depth's top-1 agreement with them
-    (draft_k_top1: how often module k's draft would pass, given the drafts before it passed)."""
+def draft_loss(model: DeepseekV3ForCausalLM, batch, mtp_weight: float | None = None, soft: bool = False):
+    """Mean loss of the MTP chain on the answer tokens, plus each depth's top-1 agreement with them (draft_k_top1:
+    how often module k's draft would pass, given the drafts before it passed). With `soft`, module k learns the
+    main model's whole next-token distribution at the position it drafts (cross-entropy to those probabilities);
+    else the answer's token alone (the argmax of that distribution, since the answers are greedy). On `tiny`
+    (2048 answers, 200 steps) greedy acceptance rose from 91.5% to 92.6% with the tokens, to 92.2% with `soft`;
+    `soft` is there for sampled decoding, where a draft passes with probability sum(min(p, q))."""
     inputs, targets = (t.to(next(model.parameters()).device) for t in batch)
     with torch.no_grad():  # the main model is frozen: its states are inputs here
         h = model.hidden_states(inputs)
+        teacher = model.lm_head(h).float().softmax(dim=-1) if soft else None
     losses, metrics = [], {}
     for k, logits in enumerate(model.mtp_logits(h, inputs)):
         wanted = targets[:, k + 1 :]
-        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), wanted.flatten(), ignore_index=IGNORE_INDEX))
         seen = wanted != IGNORE_INDEX
+        if soft:  # position i of depth k drafts token i+k+2, which the main model predicts at position i+k+1
+            logp = logits.float().log_softmax(dim=-1)[seen]
+            losses.append(-(teacher[:, k + 1 :][seen] * logp).sum(dim=-1).mean())
+        else:
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), wanted.flatten(), ignore_index=IGNORE_INDEX))
         metrics[f"draft_{k + 1}_top1"] = (logits.argmax(-1)[seen] == wanted[seen]).float().mean().detach()
     loss = torch.stack(losses).mean()
     metrics["trained_tokens"] = float((targets != IGNORE_INDEX).sum())
@@ -101,11 +125,11 @@ def draft_loss(model: DeepseekV3ForCausalLM, batch, mtp_weight: float | None = N
 
 
 @torch.no_grad()
-def held_out_draft_loss(batches: list, model: DeepseekV3ForCausalLM) -> dict[str, float]:
+def held_out_draft_loss(batches: list, model: DeepseekV3ForCausalLM, soft: bool = False) -> dict[str, float]:
     """The same numbers on held-out answers, weighted by tokens: val_loss and val_draft_k_top1."""
     sums: dict[str, float] = {}
     for batch in batches:
-        loss, metrics, _ = draft_loss(model, batch)
+        loss, metrics, _ = draft_loss(model, batch, soft=soft)
         n = metrics.pop("trained_tokens")
         for key, v in {"loss": loss, **metrics}.items():
             sums[key] = sums.get(key, 0.0) + float(v) * n
@@ -116,7 +140,8 @@ def held_out_draft_loss(batches: list, model: DeepseekV3ForCausalLM) -> dict[str
 
 def draft_tune(init: str | Path, run_dir: str | Path, train_cfg: TrainConfig, tasks: list[str] | None = None,
                prompts: list[Prompt] | None = None, num_prompts: int = 1024, eval_prompts: int = 32,
-               max_tokens: int = 256, epochs: float | None = 3.0, max_batch: int = 32, resume: bool = False,
+               max_tokens: int = 256, epochs: float | None = 3.0, max_batch: int = 32, soft: bool = False,
+               resume: bool = False,
                device: str | None = None, price_per_hour: float | None = None, quiet: bool = False
                ) -> dict[str, Any]:
     """Tune the MTP modules of the model at `init` on its own answers to `prompts` (or `num_prompts` train
@@ -147,7 +172,8 @@ def draft_tune(init: str | Path, run_dir: str | Path, train_cfg: TrainConfig, ta
     tokenizer = Tokenizer.load(init_dir)
     run_dir = Path(run_dir)
     config = {"stage": "draft-tune", "init": str(init_dir), "tasks": tasks, "prompts": len(train_prompts),
-              "eval_prompts": len(held_out), "max_tokens": max_tokens, "epochs": epochs, "train": train_cfg.to_dict()}
+              "eval_prompts": len(held_out), "max_tokens": max_tokens, "epochs": epochs, "soft": soft,
+              "train": train_cfg.to_dict()}
     has_state = prepare_run(run_dir, config, resume)
 
     # 1. the model's own answers (kept, so a resumed run trains on the same ones) and the acceptance before
@@ -167,18 +193,18 @@ def draft_tune(init: str | Path, run_dir: str | Path, train_cfg: TrainConfig, ta
         f"{sum(map(sum, (m for _, m in train_examples))):,} answer tokens from {len(train_examples)} prompts to train on")
 
     # 2. train the MTP modules alone on those answers
-    ids, mask, truncated = pack_rows(train_examples, train_cfg.seq_len, tokenizer.pad_id)
+    ids, mask, truncated = one_per_row(train_examples, train_cfg.seq_len, tokenizer.pad_id)
     if not mask[:, 1:].any():
         raise ValueError(f"no answer token fits in --seq-len {train_cfg.seq_len} after its prompt; raise --seq-len")
     if epochs is not None and not (train_cfg.steps or train_cfg.tokens or train_cfg.minutes):
         train_cfg.steps = max(1, math.ceil(epochs * len(ids) / (train_cfg.batch_size * train_cfg.grad_accum)))
     train_cfg.validate()
     trainable = freeze_all_but_mtp(model)
-    vi, vm, _ = pack_rows(examples(before), train_cfg.seq_len, tokenizer.pad_id)
+    vi, vm, _ = one_per_row(examples(before), train_cfg.seq_len, tokenizer.pad_id)
     val = [tuple(t.to(device) for t in inputs_targets(vi[j:j + train_cfg.batch_size], vm[j:j + train_cfg.batch_size]))
            for j in range(0, len(vi), train_cfg.batch_size)][: train_cfg.eval_batches]
     say(f"training {trainable / 1e6:.2f}M MTP parameters of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"on {len(ids)} rows of {train_cfg.seq_len} tokens" + (f" ({truncated} answers cut to fit)" if truncated else ""))
+        f"on {len(ids)} answers, one per row of {ids.shape[1]} tokens" + (f" ({truncated} answers cut to fit)" if truncated else ""))
     device_key = cost.detect_device()
     dev = cost.get_device(device_key)
     precision = peak_precision(train_cfg.precision, torch.device(device), dev)
@@ -186,7 +212,8 @@ def draft_tune(init: str | Path, run_dir: str | Path, train_cfg: TrainConfig, ta
     main_forward = cost.flops_per_token(model.config, train_cfg.seq_len, training=False, include_mtp=False)
     mtp_forward = cost.flops_per_token(model.config, train_cfg.seq_len, training=False) - main_forward
     trainer = Trainer(model, train_cfg, run_dir, RowBatches(ids, mask, train_cfg.batch_size, train_cfg.seed),
-                      draft_loss, stage="draft-tune", eval_fn=lambda m: held_out_draft_loss(val, m),
+                      partial(draft_loss, soft=soft), stage="draft-tune",
+                      eval_fn=lambda m: held_out_draft_loss(val, m, soft),
                       flops_per_token=main_forward + 3 * mtp_forward, device_name=device_key,
                       peak_flops=dev.peak_flops(precision))
     if has_state:

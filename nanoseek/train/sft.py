@@ -58,19 +58,14 @@ def pack_conversations(tokenizer: Tokenizer, convs: list[list[dict]], seq_len: i
     """Rows of seq_len + 1 token ids with their loss mask, conversations packed whole (first fit, in order).
 
     Returns (ids [R, seq_len+1], mask [R, seq_len+1], number of conversations truncated to fit one row)."""
-    return pack_rows([tokenizer.encode_chat(msgs) for msgs in convs], seq_len, tokenizer.pad_id)
-
-
-def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
-              ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(token ids, loss mask) examples packed whole into rows of seq_len + 1, in order; see pack_conversations."""
     width = seq_len + 1
     rows_ids: list[list[int]] = []
     rows_mask: list[list[int]] = []
     cur_ids: list[int] = []
     cur_mask: list[int] = []
     truncated = 0
-    for ids, mask in examples:
+    for msgs in convs:
+        ids, mask = tokenizer.encode_chat(msgs)
         if len(ids) > width:
             ids, mask = ids[:width], mask[:width]
             truncated += 1
@@ -83,7 +78,7 @@ def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id:
     if cur_ids:
         rows_ids.append(cur_ids)
         rows_mask.append(cur_mask)
-    ids_t = torch.full((len(rows_ids), width), pad_id, dtype=torch.long)
+    ids_t = torch.full((len(rows_ids), width), tokenizer.pad_id, dtype=torch.long)
     mask_t = torch.zeros((len(rows_ids), width), dtype=torch.long)
     for r, (i, m) in enumerate(zip(rows_ids, rows_mask)):
         ids_t[r, :len(i)] = torch.tensor(i)
