@@ -166,9 +166,8 @@ def draft_tune(init: str | Path, run_dir: str | Path, train_cfg: TrainConfig, ta
     model = load_model(init_dir, dtype=torch.float32, device=device)
     if not model.mtp_modules:
         raise ValueError(f"{init_dir} has no MTP modules to tune (num_nextn_predict_layers = 0)")
-    if model.config.max_position_embeddings < train_cfg.seq_len:
-        raise ValueError(f"--seq-len {train_cfg.seq_len} exceeds the model's context "
-                         f"({model.config.max_position_embeddings}); lower --seq-len")
+    # seq_len only caps a row here (one answer per row, as long as the longest): never past the model's context
+    train_cfg.seq_len = min(train_cfg.seq_len, model.config.max_position_embeddings - 1)
     tokenizer = Tokenizer.load(init_dir)
     run_dir = Path(run_dir)
     config = {"stage": "draft-tune", "init": str(init_dir), "tasks": tasks, "prompts": len(train_prompts),
