@@ -1,7 +1,7 @@
 """Draft tuning: train a model's MTP modules on the model's own greedy outputs, so more of their drafts pass.
 
 Speculative decoding (infer/speculative.py) pays for every drafted token: on `tiny`, a step drafting two tokens
-costs about twice a plain one, so it gains 1.5x only when drafts are accepted about 95% of the time. Pretraining
+costs about twice a plain one, so it gains 1.5x only when nearly every draft is accepted. Pretraining
 teaches the MTP modules to predict the corpus, but at decode time a draft passes only if it is the token the
 model itself would pick. So this stage asks the model to answer prompts like the ones it will serve (greedy,
 with the engine), and trains only the MTP modules to predict those answers, the model's own choices, chained as
@@ -76,18 +76,19 @@ def examples(outs: list) -> list[tuple[list[int], list[int]]]:
     return [(o.prompt_token_ids + o.token_ids, [0] * len(o.prompt_token_ids) + [1] * len(o.token_ids)) for o in outs]
 
 
-def one_per_row(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
+def one_per_row(rows: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Examples as rows right-padded to the longest (at most seq_len + 1 tokens): (ids, mask, number cut to fit).
-    Not packed as SFT packs: an answer is the model's choice only in the context it was made in, its prompt alone,
-    and the model attends across packed documents (packed rows, its own top-1 on its answers fell to 80%)."""
-    width = min(seq_len + 1, max(len(ids) for ids, _ in examples))
-    ids_t = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask_t = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, (ids, mask) in enumerate(examples):
+    """(ids, mask) examples one per row, right-padded to the longest (at most seq_len + 1 tokens): (ids, mask,
+    the number cut to fit). Not packed as SFT packs: an answer is the model's choice only in the context it was
+    made in, its prompt alone, and the model attends across packed documents (in packed rows, its own top-1 on
+    its answers fell to 80%)."""
+    width = min(seq_len + 1, max(len(ids) for ids, _ in rows))
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask_t = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, mask) in enumerate(rows):
         ids_t[r, :min(len(ids), width)] = torch.tensor(ids[:width])
         mask_t[r, :min(len(mask), width)] = torch.tensor(mask[:width])
-    return ids_t, mask_t, sum(len(ids) > width for ids, _ in examples)
+    return ids_t, mask_t, sum(len(ids) > width for ids, _ in rows)
 
 
 def freeze_all_but_mtp(model: DeepseekV3ForCausalLM) -> int:
@@ -141,9 +142,8 @@ def held_out_draft_loss(batches: list, model: DeepseekV3ForCausalLM, soft: bool 
 def draft_tune(init: str | Path, run_dir: str | Path, train_cfg: TrainConfig, tasks: list[str] | None = None,
                prompts: list[Prompt] | None = None, num_prompts: int = 1024, eval_prompts: int = 32,
                max_tokens: int = 256, epochs: float | None = 3.0, max_batch: int = 32, soft: bool = False,
-               resume: bool = False,
-               device: str | None = None, price_per_hour: float | None = None, quiet: bool = False
-               ) -> dict[str, Any]:
+               resume: bool = False, device: str | None = None, price_per_hour: float | None = None,
+               quiet: bool = False) -> dict[str, Any]:
     """Tune the MTP modules of the model at `init` on its own answers to `prompts` (or `num_prompts` train
     prompts of `tasks`); held-out acceptance is measured on `eval_prompts` others before and after. Returns a
     summary (also in receipt.json)."""
@@ -189,7 +189,8 @@ def draft_tune(init: str | Path, run_dir: str | Path, train_cfg: TrainConfig, ta
     generation_seconds = time.perf_counter() - t0
     del engine
     say(f"before: {acceptance(before):.1%} of drafts accepted on {len(held_out)} held-out prompts; "
-        f"{sum(map(sum, (m for _, m in train_examples))):,} answer tokens from {len(train_examples)} prompts to train on")
+        f"{sum(map(sum, (m for _, m in train_examples))):,} answer tokens from {len(train_examples)} prompts to "
+        f"train on")
 
     # 2. train the MTP modules alone on those answers
     ids, mask, truncated = one_per_row(train_examples, train_cfg.seq_len, tokenizer.pad_id)
@@ -203,7 +204,8 @@ def draft_tune(init: str | Path, run_dir: str | Path, train_cfg: TrainConfig, ta
     val = [tuple(t.to(device) for t in inputs_targets(vi[j:j + train_cfg.batch_size], vm[j:j + train_cfg.batch_size]))
            for j in range(0, len(vi), train_cfg.batch_size)][: train_cfg.eval_batches]
     say(f"training {trainable / 1e6:.2f}M MTP parameters of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"on {len(ids)} answers, one per row of {ids.shape[1]} tokens" + (f" ({truncated} answers cut to fit)" if truncated else ""))
+        f"on {len(ids)} answers, one per row of {ids.shape[1]} tokens"
+        + (f" ({truncated} answers cut to fit)" if truncated else ""))
     device_key = cost.detect_device()
     dev = cost.get_device(device_key)
     precision = peak_precision(train_cfg.precision, torch.device(device), dev)
