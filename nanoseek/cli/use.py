@@ -57,15 +57,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"prompts file {args.prompts} holds no prompts")
     engine = engine_from_args(args, args.max_batch)
     t0 = time.perf_counter()
-    # chat and plain prompts may be mixed in one file: run each kind as its own batch, keep the file's order
-    outputs: list = [None] * len(rows)
-    for chat in (False, True):
-        idx = [i for i, (_, c, _) in enumerate(rows) if (c or args.chat) == chat]
-        if idx:
-            outs = engine.generate([rows[i][0] for i in idx], max_tokens=args.max_tokens, chat=chat, progress=True,
-                                   **sampling_kwargs(args))
-            for i, o in zip(idx, outs):
-                outputs[i] = o
+    outputs = engine.generate_mixed([(prompt, chat or args.chat) for prompt, chat, _ in rows],
+                                    max_tokens=args.max_tokens, progress=True, **sampling_kwargs(args))
     elapsed = time.perf_counter() - t0
     lines = []
     for (prompt, _, rec), o in zip(rows, outputs):

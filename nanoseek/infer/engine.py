@@ -301,6 +301,18 @@ class Engine(Speculation):
             bar.close()
         return [results[i] for i in ids]
 
+    def generate_mixed(self, prompts: Sequence[tuple[str | list[int] | list[dict], bool]], max_tokens: int = 256,
+                       **kwargs) -> list[Output]:
+        """`generate` for (prompt, chat) pairs, as a prompts file may mix plain and chat prompts: each kind runs as
+        one batch, and the outputs come back in the pairs' order."""
+        outputs: list = [None] * len(prompts)
+        for chat in (False, True):
+            idx = [i for i, (_, c) in enumerate(prompts) if c == chat]
+            if idx:
+                for i, o in zip(idx, self.generate([prompts[i][0] for i in idx], max_tokens, chat=chat, **kwargs)):
+                    outputs[i] = o
+        return outputs
+
     def stream(self, prompt: str | list[int] | list[dict], max_tokens: int = 256, *, chat: bool = False,
                **params) -> Iterator[str]:
         """Yield text deltas as they are produced; closing the generator early aborts the request."""

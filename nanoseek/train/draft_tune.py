@@ -25,19 +25,21 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from nanoseek.checkpoint import atomic_write_json, atomic_write_text, load_model, resolve_model_dir, save_model
 from nanoseek.data.tasks import get_task
-from nanoseek.infer.engine import Engine
 from nanoseek.model.transformer import IGNORE_INDEX, DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import Trainer, TrainConfig, peak_precision
 from nanoseek.train.run import prepare_run
 from nanoseek.train.sft import RowBatches, inputs_targets
+
+if TYPE_CHECKING:
+    from nanoseek.infer.engine import Engine
 
 # Only the MTP modules learn, from a narrow set of answers: a fine-tuning rate, and the routing bias as it was.
 TRAIN_DEFAULTS = {"lr": 3e-4, "warmup_steps": 10, "schedule": "cosine", "batch_size": 16, "seq_len": 512,
@@ -54,16 +56,8 @@ def task_prompts(tasks: list[str], num: int, split: str) -> list[Prompt]:
 
 
 def answer(engine: Engine, prompts: list[Prompt], max_tokens: int, speculative: bool, progress: bool) -> list:
-    """Greedy outputs for every prompt, in order (chat and plain prompts each as one batch)."""
-    outs: list = [None] * len(prompts)
-    for chat in (False, True):
-        idx = [i for i, (_, c) in enumerate(prompts) if c == chat]
-        if idx:
-            got = engine.generate([prompts[i][0] for i in idx], max_tokens=max_tokens, chat=chat, temperature=0.0,
-                                  speculative=speculative, progress=progress)
-            for i, o in zip(idx, got):
-                outs[i] = o
-    return outs
+    """Greedy outputs for every prompt, in order."""
+    return engine.generate_mixed(prompts, max_tokens, temperature=0.0, speculative=speculative, progress=progress)
 
 
 def acceptance(outs: list) -> float:
@@ -148,6 +142,7 @@ def draft_tune(init: str | Path, run_dir: str | Path, train_cfg: TrainConfig, ta
     prompts of `tasks`); held-out acceptance is measured on `eval_prompts` others before and after. Returns a
     summary (also in receipt.json)."""
     from nanoseek import cost
+    from nanoseek.infer.engine import Engine  # a sibling layer, loaded when a run starts (as sft and grpo do)
 
     say = (lambda *a: None) if quiet else print
     init_dir = resolve_model_dir(init)
