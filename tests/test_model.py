@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import DeepseekV3ForCausalLM as HFDeepseekV3
 
@@ -12,6 +13,7 @@ from nanoseek.checkpoint import load_model, read_tensors, save_model, to_hub_sta
 from nanoseek.config import ModelConfig, depth, preset, smoke, tiny
 from nanoseek.fp8 import quantize_blockwise
 from nanoseek.infer.cache import LatentCache
+from nanoseek.model.linear import FEW_ROWS_IN_FEATURES, linear, weight_stationary
 from nanoseek.model.moe import FEW_ROWS, RoutedExperts, grouped_linear
 from nanoseek.model.transformer import DeepseekV3ForCausalLM
 
@@ -173,6 +175,23 @@ def test_few_rows_inference_path_equals_reference():
             few = experts._few_rows(x, ids, weights)
             assert torch.equal(experts(x, ids, weights), few)  # the path inference takes
         assert torch.allclose(few, _loop_experts(experts, x, ids, weights), atol=1e-5)
+
+
+def test_few_rows_cpu_linear_is_weight_stationary_and_equal():
+    # 2-4 rows at inference on a CPU run as (W x^T)^T, MKL's faster layout there; the product is the same
+    w, b = torch.randn(24, 16), torch.randn(24)
+    for shape in ((2, 16), (3, 16), (1, 4, 16), (2, 2, 16)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert weight_stationary(x, w)
+            out = linear(x, w, b)
+        assert out.shape == (*shape[:-1], 24) and out.is_contiguous()
+        assert torch.allclose(out, F.linear(x, w, b), atol=1e-5)
+    with torch.no_grad():  # one row, five rows, and inputs too wide for this layout keep F.linear
+        assert not any(weight_stationary(torch.randn(n, 16), w) for n in (1, 5))
+        assert not weight_stationary(torch.randn(3, FEW_ROWS_IN_FEATURES + 1), torch.randn(8, FEW_ROWS_IN_FEATURES + 1))
+        assert not weight_stationary(torch.randn(3, 16, dtype=torch.float64), w.double())
+    assert not weight_stationary(torch.randn(3, 16), w)  # training: autograd goes through F.linear
 
 
 def test_grouped_linear_fallback_equals_grouped_mm():
