@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek.checkpoint import load_model, resolve_model_dir  # noqa: E402
+from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.data.tasks import get_task  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
@@ -80,17 +81,32 @@ def breakdown(engine: Engine, prompts: list[list[int]], max_tokens: int, specula
     return main, mtp, seconds / steps * 1e3 - main - mtp
 
 
-def load(name: str, dtype: str, device: str):
-    """-> (directory, model, tokenizer), or one line and exit 2 when `name` is not a model with MTP modules."""
+def check(name: str) -> Path:
+    """-> the model directory, or one line and exit 2 when `name` is not a model with MTP modules and a tokenizer.
+    Reads only config.json, so every name is checked before the first timing starts."""
     try:
         directory = resolve_model_dir(name)
-    except (FileNotFoundError, NotADirectoryError) as e:
+        modules = ModelConfig.load(directory).num_nextn_predict_layers
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"mtp_speculation: {e}")
         raise SystemExit(2)
-    model = load_model(directory, dtype=getattr(torch, dtype), device=device)
-    if not model.mtp_modules or not (directory / "tokenizer.json").is_file():
+    if not modules or not (directory / "tokenizer.json").is_file():
         print(f"mtp_speculation: {directory} needs MTP modules and a tokenizer; give a model trained by "
               f"`nanoseek pretrain` (its run's model/ directory)")
+        raise SystemExit(2)
+    return directory
+
+
+def load(name: str, dtype: str, device: str):
+    """-> (directory, model, tokenizer); exit 2 as `check` does, also when the weights hold no MTP modules."""
+    directory = check(name)
+    try:
+        model = load_model(directory, dtype=getattr(torch, dtype), device=device)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mtp_speculation: {e}")
+        raise SystemExit(2)
+    if not model.mtp_modules:  # (config.json named them but the weights lack them: transformers drops them)
+        print(f"mtp_speculation: {directory} holds no MTP module weights; give a model trained by `nanoseek pretrain`")
         raise SystemExit(2)
     return directory, model, Tokenizer.load(directory)
 
@@ -165,8 +181,8 @@ def main() -> None:
     args = ap.parse_args()
     if not set_up("mtp_speculation", args.device, args.threads):
         raise SystemExit(2)
-    for name in args.model:  # every model loads before the first is timed: a bad name costs nothing
-        load(name, args.dtype, args.device)
+    for name in args.model:  # before the first timing: a bad name costs nothing
+        check(name)
     gpu = args.device.startswith("cuda")
     device = torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine())
     lines = [
