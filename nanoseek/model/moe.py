@@ -66,8 +66,8 @@ class Router(nn.Module):
 # Up to this many rows, CPU inference runs each chosen expert over all the rows (`RoutedExperts._few_rows`). A
 # GEMM of 1 to 3 rows costs no more than one row does here (reading the weight bounds it; `linear` lays such
 # a product out as MKL streams it fastest), so this needs no gather and no scatter: for a 3-token verify step
-# on `tiny`, 1.9x faster than gathering each expert's rows, and 1.3x faster than the grouped GEMM for one token, which
-# visits every expert and sorts and scatters rows (measured, 2 threads).
+# on `tiny`, 1.9x faster than gathering each expert's rows, and 1.3x faster than the grouped GEMM for one
+# token, which visits every expert and sorts and scatters rows (measured, 2 threads).
 FEW_ROWS = 3
 
 

@@ -36,7 +36,7 @@ from nanoseek.model.transformer import IGNORE_INDEX, DeepseekV3ForCausalLM
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.loop import Trainer, TrainConfig, peak_precision
 from nanoseek.train.run import prepare_run
-from nanoseek.train.sft import RowBatches, inputs_targets
+from nanoseek.train.sft import RowBatches, inputs_targets, pad_rows
 
 if TYPE_CHECKING:
     from nanoseek.infer.engine import Engine
@@ -77,11 +77,7 @@ def one_per_row(rows: list[tuple[list[int], list[int]]], seq_len: int, pad_id: i
     made in, its prompt alone, and the model attends across packed documents (in packed rows, its own top-1 on
     its answers fell to 80%)."""
     width = min(seq_len + 1, max(len(ids) for ids, _ in rows))
-    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask_t = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (ids, mask) in enumerate(rows):
-        ids_t[r, :min(len(ids), width)] = torch.tensor(ids[:width])
-        mask_t[r, :min(len(mask), width)] = torch.tensor(mask[:width])
+    ids_t, mask_t = pad_rows([(ids[:width], mask[:width]) for ids, mask in rows], width, pad_id)
     return ids_t, mask_t, sum(len(ids) > width for ids, _ in rows)
 
 

@@ -78,12 +78,17 @@ def pack_conversations(tokenizer: Tokenizer, convs: list[list[dict]], seq_len: i
     if cur_ids:
         rows_ids.append(cur_ids)
         rows_mask.append(cur_mask)
-    ids_t = torch.full((len(rows_ids), width), tokenizer.pad_id, dtype=torch.long)
-    mask_t = torch.zeros((len(rows_ids), width), dtype=torch.long)
-    for r, (i, m) in enumerate(zip(rows_ids, rows_mask)):
-        ids_t[r, :len(i)] = torch.tensor(i)
-        mask_t[r, :len(m)] = torch.tensor(m)
-    return ids_t, mask_t, truncated
+    return *pad_rows(list(zip(rows_ids, rows_mask)), width, tokenizer.pad_id), truncated
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) rows of at most `width` tokens -> tensors [R, width], right-padded (pad_id, mask 0)."""
+    ids_t = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask_t = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, mask) in enumerate(rows):
+        ids_t[r, :len(ids)] = torch.tensor(ids)
+        mask_t[r, :len(mask)] = torch.tensor(mask)
+    return ids_t, mask_t
 
 
 def inputs_targets(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
